@@ -1,0 +1,1 @@
+"""The `reembed` command line: composes the producer, the workers and the search."""

@@ -1,0 +1,298 @@
+"""The `reembed` command: a thin layer over the producer's, the search's and the worker's APIs.
+
+Every command takes ``--json`` (one JSON object on stdout, nothing else there) and exits
+non-zero with a one-line reason on stderr. When ``REEMBED_REDIS_URL`` / ``REEMBED_CHROMA_URL``
+are unset, a command starts an embedded Redis and a local ``chroma run`` over the data
+directory and stops them when it ends; since nobody else's workers can see that Redis, such a
+command also starts its own workers (``--workers``) and waits for the work to finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from reembed.errors import ReembedError
+from reembed.logs import configure_logging
+from reembed.settings import FIELDS, Settings
+from reembed.services import LocalStack
+
+#: Exit codes. 2 and 3 come from the error tree (``ReembedError.exit_code``).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the operation ran but ended badly (a migration failed)
+EXIT_INTERRUPTED = 130
+
+ENV_HELP = "\n".join(f"  REEMBED_{f.name:<22} {f.help} (default: {f.default or 'unset'})" for f in FIELDS)
+
+
+def _emit(as_json: bool, payload: dict[str, Any], text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(payload, default=str))
+    else:
+        click.echo(text if text is not None else "\n".join(f"{k}: {v}" for k, v in payload.items()))
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"reembed: error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    sys.exit(code)
+
+
+def run_guarded(fn: Callable[[], None]) -> None:
+    """Map errors to one line on stderr and an exit code; never a traceback for known errors."""
+    try:
+        fn()
+    except ReembedError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def stack(settings: Settings, workers: int | None) -> Iterator[LocalStack]:
+    """Services for one command; local workers when asked, or by default with an embedded Redis."""
+    with LocalStack(settings) as local:
+        count = workers if workers is not None else (1 if local.embedded else 0)
+        if count:
+            local.start_workers(count)
+        yield local
+
+
+def _progress_line(status: dict[str, Any]) -> None:
+    total = status["total"] or 1
+    eta = f"{status['eta_s']:.0f}s" if status.get("eta_s") not in (None, 0) else "-"
+    click.echo(f"\r{status['state']:<10} {status['done']}/{status['total']} docs "
+               f"({100 * status['done'] / total:5.1f}%)  failed {status['failed']}  "
+               f"{status['docs_per_s']:.1f} docs/s  ETA {eta}   ", nl=False, err=True)
+
+
+@click.group(epilog="Settings (environment variables):\n\n" + ENV_HELP)
+@click.version_option(package_name="chroma-reembed")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Move a Chroma collection to a new embedding model, with zero search downtime."""
+    try:
+        settings = Settings.from_env()
+    except ReembedError as exc:
+        _fail(str(exc), exc.exit_code)
+        return
+    configure_logging(settings)
+    ctx.obj = settings
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+workers_option = click.option("--workers", type=click.IntRange(0, 64), default=None,
+                              help="Start N local worker processes for this command "
+                                   "[default: 1 with an embedded Redis, else 0].")
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def models(settings: Settings, as_json: bool) -> None:
+    """The known models: dimension, whether installed, where the weights are, fingerprint."""
+    from reembed.models import KNOWN_MODELS, describe
+
+    rows = [describe(spec, settings.data_dir) for spec in KNOWN_MODELS.values()]
+    text = "\n".join(f"{r['name']:<20} {r['dimension']:>4}-d  "
+                     f"{(r['fingerprint'] or 'not installed: ' + r['install_hint'])}" for r in rows)
+    _emit(as_json, {"models": rows}, text)
+
+
+@main.command()
+@click.argument("alias")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--model", required=True, help="Model name or local sentence-transformers directory.")
+@click.option("--batch-size", type=int, default=None, help="Documents per batch [default: REEMBED_BATCH_SIZE].")
+@click.option("--skip-missing-text", is_flag=True, help="Record documents without text as skipped.")
+@click.option("--wait/--no-wait", default=False, help="Wait until the ingest is complete.")
+@workers_option
+@json_option
+@click.pass_obj
+def ingest(settings: Settings, alias: str, file: Path, model: str, batch_size: int | None,
+           skip_missing_text: bool, wait: bool, workers: int | None, as_json: bool) -> None:
+    """Load a BEIR corpus.jsonl or plain JSONL FILE into a new collection under ALIAS."""
+    def run() -> None:
+        from producer import ControlPlane
+
+        with stack(settings, workers) as local:
+            cp = ControlPlane(local.settings)
+            record = cp.ingest(alias, file, model, batch_size, skip_missing_text)
+            if wait or local.embedded:
+                record = cp.wait(record.id, on_progress=None if as_json else _progress_line)
+                click.echo("", err=True)
+            status = cp.status(record.id)
+        _emit(as_json, status)
+        if status["state"] == "failed":
+            sys.exit(EXIT_FAILED)
+    run_guarded(run)
+
+
+@main.command()
+@click.argument("alias")
+@click.option("--collection", required=True, help="The existing Chroma collection.")
+@click.option("--model", default=None, help="Its model, when Chroma has none recorded (checked either way).")
+@workers_option
+@json_option
+@click.pass_obj
+def adopt(settings: Settings, alias: str, collection: str, model: str | None, workers: int | None,
+          as_json: bool) -> None:
+    """Put an existing collection under ALIAS after verifying the model of its vectors."""
+    def run() -> None:
+        from producer import ControlPlane
+
+        with stack(settings, workers) as local:
+            result = ControlPlane(local.settings).adopt(alias, collection, model)
+        _emit(as_json, result)
+    run_guarded(run)
+
+
+@main.command()
+@click.argument("alias")
+@click.option("--to", "to_model", required=True, help="Target model name or directory.")
+@click.option("--batch-size", type=int, default=None, help="Documents per batch [default: REEMBED_BATCH_SIZE].")
+@click.option("--cutover", type=click.Choice(["auto", "manual"]), default="auto", show_default=True,
+              help="auto: switch the alias as soon as the target is verified.")
+@click.option("--skip-missing-text", is_flag=True, help="Record documents without text as skipped.")
+@click.option("--wait/--no-wait", default=False, help="Show progress until the migration ends.")
+@workers_option
+@json_option
+@click.pass_obj
+def migrate(settings: Settings, alias: str, to_model: str, batch_size: int | None, cutover: str,
+            skip_missing_text: bool, wait: bool, workers: int | None, as_json: bool) -> None:
+    """Re-embed ALIAS's live collection with another model; prints the migration id."""
+    def run() -> None:
+        from producer import ControlPlane
+
+        with stack(settings, workers) as local:
+            cp = ControlPlane(local.settings)
+            record = cp.migrate(alias, to_model, batch_size, cutover, skip_missing_text)
+            if not as_json:
+                click.echo(record.id)
+            if wait or local.embedded:
+                cp.wait(record.id, on_progress=None if as_json else _progress_line)
+                click.echo("", err=True)
+            status = cp.status(record.id)
+        if as_json:
+            _emit(True, status)
+        elif wait or status["state"] in ("complete", "live", "failed"):
+            _emit(False, status)
+        if status["state"] == "failed":
+            sys.exit(EXIT_FAILED)
+    run_guarded(run)
+
+
+@main.command()
+@click.argument("target", required=False)
+@json_option
+@click.pass_obj
+def status(settings: Settings, target: str | None, as_json: bool) -> None:
+    """Alias and latest migration progress (TARGET is an alias or a migration id); all aliases without one."""
+    def run() -> None:
+        from producer import ControlPlane
+
+        with stack(settings, 0) as local:
+            cp = ControlPlane(local.settings)
+            if target:
+                _emit(as_json, cp.status(target))
+            else:
+                rows = [cp.status(a.alias) for a in cp.registry.aliases()]
+                _emit(as_json, {"aliases": rows}, "\n".join(
+                    f"{r['alias']}: {r['live_collection']} ({r['live_model']})"
+                    + (f", migration {r['migration_id']} {r['state']} {r['done']}/{r['total']}" if "state" in r else "")
+                    for r in rows) or "no aliases")
+    run_guarded(run)
+
+
+def _control(verb: str, help_text: str, argument: str) -> None:
+    @main.command(name=verb, help=help_text)
+    @click.argument(argument)
+    @workers_option
+    @json_option
+    @click.pass_obj
+    def command(settings: Settings, workers: int | None, as_json: bool, **kwargs: str) -> None:
+        def run() -> None:
+            from producer import ControlPlane
+
+            needs_workers = verb == "resume"
+            with stack(settings, workers if needs_workers else 0) as local:
+                cp = ControlPlane(local.settings)
+                result = getattr(cp, verb)(kwargs[argument])
+                if needs_workers and local.embedded:
+                    cp.wait(result["migration_id"], on_progress=None if as_json else _progress_line)
+                    result = cp.status(result["migration_id"])
+            _emit(as_json, result)
+        run_guarded(run)
+
+
+_control("cutover", "Switch ALIAS to its migration's complete, verified target (one atomic write).", "alias")
+_control("rollback", "Switch ALIAS back to its previous collection (one atomic write).", "alias")
+_control("pause", "Pause a running migration; its batches wait in the queue.", "migration_id")
+_control("resume", "Resume a paused migration, or rebuild one whose Redis was lost by diffing.", "migration_id")
+_control("cancel", "Cancel a migration and delete its partial target (never the source).", "migration_id")
+
+
+@main.command()
+@click.argument("alias")
+@click.argument("query")
+@click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@json_option
+@click.pass_obj
+def search(settings: Settings, alias: str, query: str, k: int, as_json: bool) -> None:
+    """Semantic search of ALIAS, served by its live collection's own model."""
+    def run() -> None:
+        from search import Searcher
+
+        with stack(settings, 0) as local:
+            result = Searcher(local.settings).search(alias, query, k)
+        payload = {"alias": alias, "served_by": {"collection": result.collection, "model": result.model,
+                                                 "fingerprint": result.fingerprint},
+                   "results": [vars(h) for h in result.hits]}
+        _emit(as_json, payload, "\n".join(f"{h.score:.3f}  {h.id}  {(h.document or '')[:80]}" for h in result.hits))
+    run_guarded(run)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run a Celery worker (extra options go to `celery worker`), e.g. `reembed worker -c 2`."""
+    settings: Settings = ctx.obj
+    if not settings.redis_url or not settings.chroma_url:
+        _fail("a standalone worker needs REEMBED_REDIS_URL and REEMBED_CHROMA_URL (shared services)", 2)
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "reembed.batches,reembed.control",
+            "-E", *ctx.args]
+    os.execv(sys.executable, argv)
+
+
+@main.command()
+@click.option("--corpus", type=click.Path(path_type=Path), default=None,
+              help="A BEIR or JSONL corpus [default: the small corpus shipped with reembed].")
+@click.option("--from-model", default="all-MiniLM-L6-v2", show_default=True)
+@click.option("--to-model", default="all-mpnet-base-v2", show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+@json_option
+@click.pass_obj
+def demo(settings: Settings, corpus: Path | None, from_model: str, to_model: str, workers: int,
+         as_json: bool) -> None:
+    """The main job on embedded defaults: ingest, search, migrate while searching, search again."""
+    from cli.demo import run_demo
+
+    def run() -> None:
+        result = run_demo(settings, corpus, from_model, to_model, workers, as_json)
+        mig = result["migration"]
+        _emit(as_json, result, (
+            f"{result['documents']} documents: ingested at {result['ingest']['docs_per_s']} docs/s, migrated "
+            f"{mig['from_model']} -> {mig['to_model']} at {mig['docs_per_s']} docs/s ({mig['state']}, "
+            f"{mig['failed']} failed); served before/during/after: {result['served_by_phase']}; "
+            f"{result['elapsed_s']} s in all"))
+    run_guarded(run)
+
+
+if __name__ == "__main__":
+    main()

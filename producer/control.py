@@ -1,0 +1,294 @@
+"""The control plane's Python API: ingest, adopt, migrate, status, cutover, rollback, pause, resume, cancel.
+
+The CLI is a thin layer over :class:`ControlPlane`; other services can import it too, or send
+the ``reembed.migrate`` task by name without importing reembed at all. Nothing here loads a
+model: checks that need one (``adopt``) run on a worker through the ``reembed.check_vectors`` task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from reembed import pipeline
+from reembed.documents import Document, read_corpus
+from reembed.errors import (
+    AliasExistsError,
+    InputError,
+    MigrationNotFoundError,
+    MigrationStateError,
+    ModelMismatchError,
+    QueueUnavailableError,
+)
+from reembed.migrations import check_alias_name, start_ingest, start_migration
+from reembed.models import fingerprint, resolve_model
+from reembed.progress import Progress, alias_lock, redis_client
+from reembed.queue import TASK_CHECK_VECTORS, TASK_FINALIZE, TASK_PUMP, client_app
+from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
+from reembed.settings import Settings
+from reembed.store import Store
+
+log = structlog.get_logger(__name__)
+
+#: Seconds between two looks at Redis while waiting for room in the queue or for the end.
+POLL_S = 0.2
+FINAL_STATES = frozenset({MigrationState.COMPLETE, MigrationState.LIVE, MigrationState.CANCELLED,
+                          MigrationState.FAILED, MigrationState.ROLLED_BACK})
+
+
+class ControlPlane:
+    """One handle on Redis, Chroma and the queue for the producer's operations."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.chroma_url)
+        self.registry = Registry(self.store)
+        self.redis = redis_client(settings.redis_url)
+        self.app = client_app(settings)
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    def ingest(self, alias: str, file: Path, model: str, batch_size: int | None = None,
+               skip_missing_text: bool = False) -> MigrationRecord:
+        """Create ALIAS from a corpus file: validate it whole, then feed its batches to the workers."""
+        record = start_ingest(self.settings, self.store, self.registry, self.redis, alias=alias, file=file,
+                              model=model, batch_size=batch_size, skip_missing_text=skip_missing_text)
+        self.feed_file(record, file)
+        return record
+
+    def feed_file(self, record: MigrationRecord, file: Path) -> None:
+        """Send the file's batches under backpressure; safe to call again after a crash (resumes)."""
+        progress = Progress(self.redis, record.id)
+        skipped = progress.skipped_ids()
+        sent = int(progress.get().get("enqueued_batches", 0))
+        batch: list[Document] = []
+        index = 0
+        for doc in read_corpus(file):
+            if doc.id in skipped:
+                continue
+            batch.append(doc)
+            if len(batch) == record.batch_size:
+                sent = self._send_file_batch(progress, record, index, batch, sent)
+                index, batch = index + 1, []
+        if batch:
+            sent = self._send_file_batch(progress, record, index, batch, sent)
+            index += 1
+        progress.set(total_batches=index, enqueue_complete=1)
+        if progress.claim_finalize_if_done():
+            self.app.send_task(TASK_FINALIZE, kwargs={"migration_id": record.id})
+
+    def _send_file_batch(self, progress: Progress, record: MigrationRecord, index: int,
+                         batch: list[Document], sent: int) -> int:
+        if index < sent:  # already sent before a crash
+            return sent
+        while sent - progress.batches_done() >= self.settings.max_waiting_batches:
+            time.sleep(POLL_S)
+        pipeline.send_batch(self.app, record.id, f"f-{index}", batch)
+        progress.set(cursor=index + 1, enqueued_batches=index + 1)
+        return index + 1
+
+    # -- adopt -------------------------------------------------------------------------------
+
+    def adopt(self, alias: str, collection: str, model: str | None = None, timeout: float = 600) -> dict[str, Any]:
+        """Put an existing collection under ALIAS after checking that its vectors are the claimed model's.
+
+        Raises:
+            AliasExistsError, CollectionNotFoundError, InputError (no model known),
+            ModelNotFoundError, ModelMismatchError.
+        """
+        check_alias_name(alias)
+        if self.registry.has_alias(alias):
+            raise AliasExistsError(f"alias {alias!r} already exists")
+        if self.store.count(collection) == 0:
+            raise InputError(f"collection {collection!r} is empty; there is nothing to verify a model against")
+        ef = self.store.configuration(collection).get("embedding_function") or {}
+        declared = (ef.get("config") or {}).get("model_name") if ef.get("name") == "sentence_transformer" else None
+        claimed = model or declared
+        if not claimed:
+            raise InputError(
+                f"collection {collection!r} records no sentence-transformers model; name it with --model"
+            )
+        spec = resolve_model(claimed)
+        fp = fingerprint(spec, self.settings.data_dir)
+        check = self.app.send_task(TASK_CHECK_VECTORS, kwargs={"collection": collection, "model": spec.name})
+        try:
+            result: dict[str, Any] = check.get(timeout=timeout)
+        except TimeoutError:
+            raise QueueUnavailableError(f"no worker answered the model check within {timeout:.0f} s; start one "
+                                        "with `reembed worker`") from None
+        if not result["match"]:
+            raise ModelMismatchError(
+                f"collection {collection!r} was not embedded with {spec.name!r}: stored vectors are "
+                f"{result['dimension_stored']}-d, the model's {result['dimension_model']}-d, cosine of re-embedded "
+                f"documents {result['cosine_min']}; name the right model with --model"
+            )
+        self.registry.put_collection(CollectionRecord(
+            name=collection, model=spec.name, fingerprint=fp, dimension=result["dimension_model"],
+            origin="adopt", probe=result["probe"],
+        ))
+        with alias_lock(self.redis, alias):
+            self.registry.switch_alias(alias, collection, None)
+        log.info("collection adopted", alias=alias, collection=collection, model=spec.name)
+        return {"alias": alias, "collection": collection, "model": spec.name, "fingerprint": fp,
+                "declared_model": declared, "checked": result["checked"], "cosine_min": result["cosine_min"]}
+
+    # -- migrate -----------------------------------------------------------------------------
+
+    def migrate(self, alias: str, to_model: str, batch_size: int | None = None, cutover: str = "auto",
+                skip_missing_text: bool = False) -> MigrationRecord:
+        """Start a migration; workers pump and embed it. Returns at once with the record."""
+        record = start_migration(self.settings, self.store, self.registry, self.redis, alias=alias,
+                                 to_model=to_model, batch_size=batch_size, cutover=cutover,
+                                 skip_missing_text=skip_missing_text)
+        self.app.send_task(TASK_PUMP, kwargs={"migration_id": record.id})
+        return record
+
+    # -- status and waiting ------------------------------------------------------------------
+
+    def find(self, alias_or_id: str) -> MigrationRecord:
+        """The migration with this id, or the latest one of this alias."""
+        if self.registry.has_alias(alias_or_id):
+            latest = self.registry.latest_migration(alias_or_id)
+            if latest is None:
+                raise MigrationNotFoundError(f"alias {alias_or_id!r} has no migration yet")
+            return latest
+        return self.registry.get_migration(alias_or_id)
+
+    def status(self, alias_or_id: str) -> dict[str, Any]:
+        """Alias, live collection and model, and the latest migration's exact progress."""
+        out: dict[str, Any] = {}
+        if self.registry.has_alias(alias_or_id):
+            alias = self.registry.get_alias(alias_or_id)
+            live = self.registry.get_collection(alias.live_collection)
+            out.update(alias=alias.alias, live_collection=alias.live_collection, live_model=live.model,
+                       live_fingerprint=live.fingerprint, previous_collection=alias.previous_collection,
+                       generation=alias.generation)
+        try:
+            record = self.find(alias_or_id)
+        except MigrationNotFoundError:
+            if not out:
+                raise
+            return out
+        if not out:
+            out.update(self.status(record.alias) if self.registry.has_alias(record.alias) else {"alias": record.alias})
+        return {**out, **self.migration_status(record)}
+
+    def migration_status(self, record: MigrationRecord) -> dict[str, Any]:
+        progress = Progress(self.redis, record.id)
+        live = progress.exists()
+        counts = progress.counts() if live else {"total": record.total, "done": record.done,
+                                                 "failed": record.failed, "skipped": record.skipped}
+        fields = progress.get() if live else {}
+        started = float(fields.get("started_at", record.created_at))
+        end = float(fields.get("finished_at", 0)) or record.finished_at or time.time()
+        rate = counts["done"] / max(end - started, 1e-6)
+        remaining = max(counts["total"] - counts["done"] - counts["failed"] - counts["skipped"], 0)
+        return {
+            "migration_id": record.id, "kind": record.kind, "source_collection": record.source_collection,
+            "source_file": record.source_file, "target_collection": record.target_collection,
+            "from_model": record.from_model, "to_model": record.to_model, "to_fingerprint": record.to_fingerprint,
+            "state": fields.get("state", record.state.value) if record.state not in FINAL_STATES else record.state.value,
+            **counts, "docs_per_s": round(rate, 2),
+            "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
+            "verified": record.verified, "cutover": record.cutover, "error": record.error,
+            "failures": progress.failures(10) if live else {}, "progress_in_redis": live,
+        }
+
+    def wait(self, migration_id: str, timeout: float | None = None,
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> MigrationRecord:
+        """Block until the migration reaches a final state (complete, live, cancelled, failed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.registry.get_migration(migration_id)
+            if on_progress:
+                on_progress(self.migration_status(record))
+            if record.state in FINAL_STATES:
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"migration {migration_id} is still {record.state.value} after {timeout:.0f} s")
+            time.sleep(POLL_S * 2)
+
+    # -- cutover, rollback -------------------------------------------------------------------
+
+    def cutover(self, alias: str) -> dict[str, Any]:
+        """Point ALIAS at its latest migration's complete, verified target in one write."""
+        record = self.registry.latest_migration(alias)
+        if record is None or record.kind != "migrate":
+            raise MigrationStateError(f"alias {alias!r} has no migration to cut over to")
+        if record.state not in (MigrationState.COMPLETE, MigrationState.ROLLED_BACK) or not record.verified:
+            raise MigrationStateError(
+                f"migration {record.id} is {record.state.value}; only a complete, verified target can go live"
+            )
+        pipeline.cutover(self.store, self.registry, self.redis, record)
+        return self.status(alias)
+
+    def rollback(self, alias: str) -> dict[str, Any]:
+        """Point ALIAS back at its previous collection in one write; both collections are kept."""
+        with alias_lock(self.redis, alias):
+            current = self.registry.get_alias(alias)
+            if not current.previous_collection:
+                raise MigrationStateError(f"alias {alias!r} has no previous collection to roll back to")
+            if not self.store.exists(current.previous_collection):
+                raise MigrationStateError(f"previous collection {current.previous_collection!r} no longer exists")
+            self.registry.switch_alias(alias, current.previous_collection, current.generation)
+        record = self.registry.latest_migration(alias)
+        if record and record.state == MigrationState.LIVE and record.target_collection == current.live_collection:
+            self.registry.transition(record, MigrationState.ROLLED_BACK)
+        log.info("alias rolled back", alias=alias, collection=current.previous_collection)
+        return self.status(alias)
+
+    # -- pause, resume, cancel ---------------------------------------------------------------
+
+    def pause(self, migration_id: str) -> dict[str, Any]:
+        record = self.registry.get_migration(migration_id)
+        record = self.registry.transition(record, MigrationState.PAUSED)
+        Progress(self.redis, migration_id).set(state=MigrationState.PAUSED.value)
+        return self.migration_status(record)
+
+    def resume(self, migration_id: str) -> dict[str, Any]:
+        """Continue a paused migration, or rebuild one whose Redis state was lost.
+
+        After a Redis loss the queue and the counters are gone; the durable record survives in
+        Chroma. Resuming then diffs source and target and feeds only what is missing.
+        """
+        record = self.registry.get_migration(migration_id)
+        progress = Progress(self.redis, migration_id)
+        if record.state not in (MigrationState.PAUSED, MigrationState.RUNNING, MigrationState.VERIFYING,
+                                MigrationState.FAILED):
+            raise MigrationStateError(f"migration {migration_id} is {record.state.value}; nothing to resume")
+        if record.kind == "ingest":
+            if record.source_file is None or not Path(record.source_file).exists():
+                raise InputError(f"ingest {migration_id} needs its file {record.source_file!r} to resume")
+            record = self.registry.transition(record, MigrationState.RUNNING)
+            if not progress.exists():
+                progress.init(record.total, MigrationState.RUNNING.value)
+            progress.set(state=MigrationState.RUNNING.value)
+            self.feed_file(record, Path(record.source_file))
+            return self.migration_status(record)
+        record = self.registry.transition(record, MigrationState.RUNNING)
+        if progress.exists():
+            progress.set(state=MigrationState.RUNNING.value)
+            self.app.send_task(TASK_PUMP, kwargs={"migration_id": migration_id})
+        else:
+            log.warning("progress lost, rebuilding by diff", migration_id=migration_id)
+            progress.init(record.total, MigrationState.RUNNING.value)
+            self.app.send_task(TASK_FINALIZE, kwargs={"migration_id": migration_id})
+        return self.migration_status(record)
+
+    def cancel(self, migration_id: str) -> dict[str, Any]:
+        """Stop a migration and delete its partial target; the source is never touched."""
+        record = self.registry.get_migration(migration_id)
+        if record.state in (MigrationState.LIVE, MigrationState.ROLLED_BACK):
+            raise MigrationStateError(f"migration {migration_id} went live; use rollback, not cancel")
+        alias = self.registry.get_alias(record.alias) if self.registry.has_alias(record.alias) else None
+        if alias and alias.live_collection == record.target_collection:
+            raise MigrationStateError(f"collection {record.target_collection!r} is live for {record.alias!r}")
+        record = self.registry.transition(record, MigrationState.CANCELLED, finished_at=time.time())
+        Progress(self.redis, migration_id).set(state=MigrationState.CANCELLED.value)
+        if record.target_collection != record.source_collection and self.store.exists(record.target_collection):
+            self.store.delete(record.target_collection)
+        return self.migration_status(record)

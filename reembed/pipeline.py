@@ -1,0 +1,226 @@
+"""The migration engine shared by the producer and the workers: feed batches, verify, finish.
+
+A migration feeds batches in two phases, both bounded by backpressure:
+
+* ``scan``: page through the source collection in storage order; batch ``s-OFFSET`` holds the
+  documents at that offset, so re-sending a batch after a crash is harmless (idempotent upsert,
+  and progress counts each batch id once).
+* ``todo``: after verification found documents missing or changed in the target (a worker
+  failure, writes to the source during the migration, or a Redis that lost its queue), their
+  ids are listed in Redis and fed again as batches ``rN-INDEX``.
+
+``finalize`` diffs source and target by id and content hash. If they agree (minus recorded
+failures and skipped documents) the migration is complete, and with ``cutover=auto`` the alias
+switches in one write. If not, the difference becomes the next ``todo`` round: that is the
+catch-up, and also how a migration is rebuilt after a Redis loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+import structlog
+from celery import Celery
+
+from reembed.documents import Document, content_hash, user_metadata
+from reembed.errors import CollectionNotFoundError
+from reembed.progress import Progress, alias_lock, redis_errors
+from reembed.queue import TASK_BATCH, TASK_FINALIZE
+from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
+from reembed.store import Store
+
+log = structlog.get_logger(__name__)
+
+
+def todo_key(migration_id: str) -> str:
+    return f"reembed:migration:{migration_id}:todo"
+
+
+def send_batch(app: Celery, migration_id: str, batch_id: str, docs: list[Document]) -> None:
+    app.send_task(TASK_BATCH, kwargs={
+        "migration_id": migration_id,
+        "batch_id": batch_id,
+        "ids": [d.id for d in docs],
+        "documents": [d.text for d in docs],
+        "metadatas": [d.metadata for d in docs],
+    })
+
+
+def _docs(ids: list[str], texts: list[str | None], metas: list[dict[str, Any] | None],
+          skipped: set[str]) -> list[Document]:
+    return [Document(i, t, user_metadata(m)) for i, t, m in zip(ids, texts, metas, strict=True)
+            if i not in skipped and t is not None and t.strip()]
+
+
+def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, migration_id: str,
+         max_waiting: int) -> bool:
+    """Send batches until ``max_waiting`` are in flight. Returns True when it should run again."""
+    progress = Progress(client, migration_id)
+    state = progress.state()
+    if state in (MigrationState.PAUSED.value,):
+        return True
+    if state != MigrationState.RUNNING.value:
+        return False
+    record = registry.get_migration(migration_id)
+    fields = progress.get()
+    if fields.get("enqueue_complete") == "1":
+        return False
+    phase = fields.get("phase", "scan")
+    cursor = int(fields.get("cursor", 0))
+    sent = int(fields.get("enqueued_batches", 0))
+    skipped = progress.skipped_ids()
+    bound_log = log.bind(migration_id=migration_id, alias=record.alias)
+    while sent - progress.batches_done() < max_waiting:
+        if phase == "scan":
+            assert record.source_collection is not None
+            page = store.page(record.source_collection, cursor, record.batch_size)
+            if not page.ids:
+                break
+            send_batch(app, migration_id, f"s-{cursor}", _docs(page.ids, page.documents, page.metadatas, skipped))
+            cursor += len(page.ids)
+        else:
+            with redis_errors("reading the catch-up list"):
+                ids = list(client.lrange(todo_key(migration_id), cursor, cursor + record.batch_size - 1))
+            if not ids:
+                break
+            assert record.source_collection is not None
+            found = store.get(record.source_collection, ids)
+            send_batch(app, migration_id, f"r{fields.get('round', 0)}-{cursor}",
+                       _docs(found.ids, found.documents, found.metadatas, skipped))
+            cursor += len(ids)
+        sent += 1
+        progress.set(cursor=cursor, enqueued_batches=sent)
+    else:
+        return True
+    progress.set(total_batches=sent, enqueue_complete=1)
+    bound_log.info("enqueueing finished", phase=phase, batches=sent)
+    if progress.claim_finalize_if_done():
+        app.send_task(TASK_FINALIZE, kwargs={"migration_id": migration_id})
+    return False
+
+
+def diff(store: Store, record: MigrationRecord, exclude: set[str]) -> dict[str, Any]:
+    """Compare source and target by id, content hash and model fingerprint.
+
+    Returns a dict with ``source`` (ids with text), ``matching``, ``missing`` (to embed),
+    ``stale`` (changed or made by another model: to re-embed) and ``extra`` (to delete).
+    """
+    assert record.source_collection is not None
+    source: dict[str, str] = {}
+    for page in store.pages(record.source_collection):
+        for doc_id, text, meta in zip(page.ids, page.documents, page.metadatas, strict=True):
+            if doc_id not in exclude and text is not None and text.strip():
+                source[doc_id] = content_hash(text, meta)
+    target: dict[str, tuple[str, str]] = {}
+    for page in store.pages(record.target_collection, documents=False):
+        for doc_id, meta in zip(page.ids, page.metadatas, strict=True):
+            meta = meta or {}
+            target[doc_id] = (str(meta.get("content_hash", "")), str(meta.get("model_fingerprint", "")))
+    missing = [i for i in source if i not in target]
+    stale = [i for i, h in source.items() if i in target and target[i] != (h, record.to_fingerprint)]
+    extra = [i for i in target if i not in source]
+    return {"source": len(source), "missing": missing, "stale": stale, "extra": extra,
+            "matching": len(source) - len(missing) - len(stale)}
+
+
+def check_ingest(store: Store, record: MigrationRecord) -> list[str]:
+    """For an ingest (no source collection): ids whose stored hash or fingerprint is wrong."""
+    bad = []
+    for page in store.pages(record.target_collection):
+        for doc_id, text, meta in zip(page.ids, page.documents, page.metadatas, strict=True):
+            meta = meta or {}
+            if (meta.get("content_hash") != content_hash(text or "", meta)
+                    or meta.get("model_fingerprint") != record.to_fingerprint):
+                bad.append(doc_id)
+    return bad
+
+
+def finalize(app: Celery, store: Store, registry: Registry, client: redis.Redis, migration_id: str) -> str:
+    """Verify the target; complete the migration, or start a catch-up round. Returns the new state."""
+    record = registry.get_migration(migration_id)
+    progress = Progress(client, migration_id)
+    bound_log = log.bind(migration_id=migration_id, alias=record.alias, collection=record.target_collection)
+    if record.state not in (MigrationState.RUNNING, MigrationState.VERIFYING):
+        return record.state.value
+    record = registry.transition(record, MigrationState.VERIFYING)
+    progress.set(state=MigrationState.VERIFYING.value)
+    failed, skipped = progress.failed_ids(), progress.skipped_ids()
+    counts = progress.counts()
+    if record.kind == "ingest":
+        bad = check_ingest(store, record)
+        stored = store.count(record.target_collection)
+        if bad or stored != counts["done"]:
+            message = f"ingest verification failed: {len(bad)} inconsistent documents, {stored} stored vs {counts['done']} counted"
+            registry.transition(record, MigrationState.FAILED, error=message)
+            progress.set(state=MigrationState.FAILED.value)
+            bound_log.error("verification failed", bad=len(bad), stored=stored, counted=counts["done"])
+            return MigrationState.FAILED.value
+        return _complete(app, store, registry, progress, record, counts)
+    delta = diff(store, record, failed | skipped)
+    if delta["extra"]:
+        store.delete_ids(record.target_collection, delta["extra"])
+    redo = delta["missing"] + delta["stale"]
+    total = delta["source"] + len(skipped)
+    if not redo:
+        counts = {**counts, "total": total + len(failed), "done": delta["matching"]}
+        progress.set(total=counts["total"], done=counts["done"])
+        return _complete(app, store, registry, progress, record, counts)
+    round_no = int(progress.get().get("round", 0)) + 1
+    bound_log.info("catching up", missing=len(delta["missing"]), stale=len(delta["stale"]),
+                   extra=len(delta["extra"]), round=round_no)
+    with redis_errors("starting a catch-up round"):
+        pipe = client.pipeline()
+        pipe.delete(todo_key(migration_id))
+        for start in range(0, len(redo), 10_000):
+            pipe.rpush(todo_key(migration_id), *redo[start:start + 10_000])
+        pipe.hdel(progress.key, "enqueue_complete", "finalize_claimed", "total_batches")
+        pipe.hset(progress.key, mapping={
+            "phase": "todo", "cursor": 0, "round": round_no, "total": total + len(failed),
+            "done": delta["matching"], "enqueued_batches": progress.batches_done(),
+            "state": MigrationState.RUNNING.value,
+        })
+        pipe.execute()
+    registry.transition(record, MigrationState.RUNNING)
+    from reembed.queue import TASK_PUMP
+
+    app.send_task(TASK_PUMP, kwargs={"migration_id": migration_id})
+    return MigrationState.RUNNING.value
+
+
+def _complete(app: Celery, store: Store, registry: Registry, progress: Progress, record: MigrationRecord,
+              counts: dict[str, int]) -> str:
+    probe = progress.get().get("probe")
+    registry.put_collection(CollectionRecord(
+        name=record.target_collection, model=record.to_model, fingerprint=record.to_fingerprint,
+        dimension=int(progress.get().get("dimension", 0)) or None,
+        origin="ingest" if record.kind == "ingest" else "migration", migration_id=record.id,
+        probe=json.loads(probe) if probe else None,
+    ))
+    record = registry.transition(
+        record, MigrationState.COMPLETE, verified=True, finished_at=time.time(), total=counts["total"],
+        done=counts["done"], failed=counts["failed"], skipped=counts["skipped"],
+    )
+    progress.set(state=MigrationState.COMPLETE.value, finished_at=time.time())
+    log.info("migration complete", migration_id=record.id, alias=record.alias, **counts)
+    if record.kind == "ingest" or record.cutover == "auto":
+        cutover(store, registry, progress.r, record)
+        progress.set(state=MigrationState.LIVE.value)
+        return MigrationState.LIVE.value
+    return MigrationState.COMPLETE.value
+
+
+def cutover(store: Store, registry: Registry, client: redis.Redis, record: MigrationRecord) -> MigrationRecord:
+    """Switch the alias to the migration's verified target in one write (idempotent)."""
+    if not store.exists(record.target_collection):
+        raise CollectionNotFoundError(f"target collection {record.target_collection!r} of migration {record.id} is gone")
+    with alias_lock(client, record.alias):
+        current = registry.get_alias(record.alias) if registry.has_alias(record.alias) else None
+        if current is None or current.live_collection != record.target_collection:
+            registry.switch_alias(record.alias, record.target_collection, current.generation if current else None)
+            log.info("alias switched", alias=record.alias, collection=record.target_collection, model=record.to_model)
+        if record.state != MigrationState.LIVE:
+            record = registry.transition(record, MigrationState.LIVE)
+    return record

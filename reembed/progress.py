@@ -1,0 +1,211 @@
+"""Progress and coordination in Redis. Every Redis key reembed uses is built here.
+
+Progress is exact under redelivery: a batch counts once, when its id first enters the set of
+finished batches (one Lua script does the check and the counting atomically). Completion is
+detected exactly once by the same script claiming a flag. All of this can be rebuilt after a
+Redis loss by diffing source and target (``producer.finalize``), so Redis holds nothing that
+cannot be recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import redis
+
+from reembed.errors import ConfigError, MigrationStateError, QueueUnavailableError
+
+PREFIX = "reembed"
+#: Times a batch may be delivered before its documents are recorded as failed: bounds the
+#: retries of a batch that kills its worker (OOM, segfault) so nothing runs forever.
+MAX_DELIVERIES = 5
+#: Lifetime of an alias lock: long enough for a producer's set-up, short enough to free a
+#: lock whose holder was killed.
+ALIAS_LOCK_TTL_S = 120
+
+
+def migration_key(migration_id: str) -> str:
+    return f"{PREFIX}:migration:{migration_id}"
+
+
+def done_batches_key(migration_id: str) -> str:
+    return f"{PREFIX}:migration:{migration_id}:done"
+
+
+def failed_docs_key(migration_id: str) -> str:
+    return f"{PREFIX}:migration:{migration_id}:failed"
+
+
+def skipped_docs_key(migration_id: str) -> str:
+    return f"{PREFIX}:migration:{migration_id}:skipped"
+
+
+def deliveries_key(migration_id: str) -> str:
+    return f"{PREFIX}:migration:{migration_id}:deliveries"
+
+
+def alias_lock_key(alias: str) -> str:
+    return f"{PREFIX}:lock:alias:{alias}"
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client for ``redis://``, ``rediss://``, ``unix://`` or Celery's ``redis+socket://`` URL."""
+    parsed = urlparse(url)
+    if parsed.scheme == "redis+socket":
+        return redis.Redis(unix_socket_path=parsed.path, decode_responses=True,
+                           socket_timeout=10, socket_connect_timeout=5)
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"REEMBED_REDIS_URL={_safe(url)!r}: use redis://HOST:PORT/DB or redis+socket:///PATH")
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+@contextlib.contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise QueueUnavailableError(f"Redis is unreachable during {what}: {exc}; is it running?") from exc
+
+
+# KEYS: progress hash, done set. ARGV: batch id, documents done.
+# Returns 1 exactly once: for the call that finishes the last batch after enqueueing ended.
+_RECORD_BATCH = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'done', tonumber(ARGV[2]))
+end
+local total = tonumber(redis.call('HGET', KEYS[1], 'total_batches') or '-1')
+if redis.call('HGET', KEYS[1], 'enqueue_complete') == '1' and redis.call('SCARD', KEYS[2]) >= total then
+  if redis.call('HSETNX', KEYS[1], 'finalize_claimed', '1') == 1 then return 1 end
+end
+return 0
+"""
+
+
+class Progress:
+    """The Redis side of one migration: counters, finished batches, failures, state cache."""
+
+    def __init__(self, client: redis.Redis, migration_id: str) -> None:
+        self.r = client
+        self.id = migration_id
+        self.key = migration_key(migration_id)
+        self._record = client.register_script(_RECORD_BATCH)
+
+    def exists(self) -> bool:
+        with redis_errors("reading progress"):
+            return bool(self.r.exists(self.key))
+
+    def init(self, total: int, state: str, skipped: dict[str, str] | None = None) -> None:
+        """Start from zero (or rebuild after a Redis loss)."""
+        with redis_errors("initialising progress"):
+            pipe = self.r.pipeline()
+            pipe.delete(self.key, done_batches_key(self.id), deliveries_key(self.id))
+            pipe.hset(self.key, mapping={"total": total, "done": 0, "enqueued_batches": 0, "cursor": 0,
+                                         "state": state, "started_at": time.time(), "round": 0})
+            if skipped:
+                pipe.hset(skipped_docs_key(self.id), mapping=skipped)
+            pipe.execute()
+
+    def get(self) -> dict[str, str]:
+        with redis_errors("reading progress"):
+            return dict(self.r.hgetall(self.key))  # type: ignore[arg-type]
+
+    def set(self, **fields: Any) -> None:
+        with redis_errors("writing progress"):
+            self.r.hset(self.key, mapping={k: v for k, v in fields.items()})
+
+    def incr(self, field: str, by: int = 1) -> int:
+        with redis_errors("writing progress"):
+            return int(self.r.hincrby(self.key, field, by))
+
+    def state(self) -> str | None:
+        with redis_errors("reading state"):
+            value = self.r.hget(self.key, "state")
+        return str(value) if value is not None else None
+
+    def record_batch(self, batch_id: str, done: int) -> bool:
+        """Count a finished batch once. Returns True for the one call that completes the migration."""
+        with redis_errors("recording a batch"):
+            return bool(self._record(keys=[self.key, done_batches_key(self.id)], args=[batch_id, done]))
+
+    def batches_done(self) -> int:
+        with redis_errors("reading progress"):
+            return int(self.r.scard(done_batches_key(self.id)))
+
+    def in_flight(self) -> int:
+        """Batches enqueued but not yet finished: what backpressure bounds."""
+        return int(self.get().get("enqueued_batches", 0)) - self.batches_done()
+
+    def claim_finalize_if_done(self) -> bool:
+        """After enqueueing ends: True once, if every batch is already finished."""
+        with redis_errors("checking completion"):
+            fields = self.r.hmget(self.key, ["enqueue_complete", "total_batches"])
+            if fields[0] != "1" or self.batches_done() < int(fields[1] or -1):
+                return False
+            return bool(self.r.hsetnx(self.key, "finalize_claimed", "1"))
+
+    def count_delivery(self, batch_id: str) -> int:
+        with redis_errors("counting a delivery"):
+            return int(self.r.hincrby(deliveries_key(self.id), batch_id, 1))
+
+    def record_failures(self, reasons: dict[str, str]) -> None:
+        if reasons:
+            with redis_errors("recording failed documents"):
+                self.r.hset(failed_docs_key(self.id), mapping=reasons)
+
+    def failures(self, limit: int = 20) -> dict[str, str]:
+        with redis_errors("reading failed documents"):
+            cursor, found = self.r.hscan(failed_docs_key(self.id), count=limit)
+        return dict(list(found.items())[:limit])
+
+    def failed_ids(self) -> set[str]:
+        with redis_errors("reading failed documents"):
+            return set(self.r.hkeys(failed_docs_key(self.id)))
+
+    def skipped_ids(self) -> set[str]:
+        with redis_errors("reading skipped documents"):
+            return set(self.r.hkeys(skipped_docs_key(self.id)))
+
+    def counts(self) -> dict[str, int]:
+        with redis_errors("reading progress"):
+            pipe = self.r.pipeline()
+            pipe.hmget(self.key, ["total", "done"])
+            pipe.hlen(failed_docs_key(self.id))
+            pipe.hlen(skipped_docs_key(self.id))
+            (total, done), failed, skipped = pipe.execute()
+        return {"total": int(total or 0), "done": int(done or 0), "failed": int(failed), "skipped": int(skipped)}
+
+    def forget(self) -> None:
+        with redis_errors("deleting progress"):
+            self.r.delete(self.key, done_batches_key(self.id), failed_docs_key(self.id),
+                          skipped_docs_key(self.id), deliveries_key(self.id))
+
+
+@contextlib.contextmanager
+def alias_lock(client: redis.Redis, alias: str) -> Iterator[None]:
+    """Serialise the writers of one alias across processes and machines.
+
+    Raises:
+        MigrationStateError: another producer holds the lock.
+    """
+    lock = client.lock(alias_lock_key(alias), timeout=ALIAS_LOCK_TTL_S, blocking=False)
+    with redis_errors(f"locking alias {alias!r}"):
+        acquired = lock.acquire()
+    if not acquired:
+        raise MigrationStateError(f"alias {alias!r} is being changed by another producer; wait and retry")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            lock.release()

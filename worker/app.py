@@ -1,0 +1,43 @@
+"""The Celery app workers run: ``celery -A worker.app worker`` (or ``reembed worker``).
+
+Settings come from ``REEMBED_*`` variables; logging goes through reembed's structlog set-up
+(Celery's own records included) via the ``setup_logging`` signal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import setup_logging, worker_process_init, worker_ready
+
+from reembed.logs import configure_logging
+from reembed.queue import celery_config
+from reembed.settings import Settings
+
+settings = Settings.from_env()
+app = Celery("reembed", include=["worker.tasks"])
+app.conf.update(celery_config(settings))
+
+
+@setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    configure_logging(settings)
+
+
+@worker_process_init.connect
+def _limit_threads(**_: Any) -> None:
+    """One torch thread per pool process unless told otherwise (models.md: two are far worse on a busy CPU)."""
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+
+
+@worker_ready.connect
+def _announce(sender: Any = None, **_: Any) -> None:
+    import structlog
+
+    structlog.get_logger(__name__).info(
+        "worker ready", worker=getattr(sender, "hostname", None), device=settings.device,
+        batch_size=settings.batch_size, visibility_timeout_s=settings.visibility_timeout_s,
+    )

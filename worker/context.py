@@ -1,0 +1,45 @@
+"""Per-process connections of a worker, opened lazily after the pool forks."""
+
+from __future__ import annotations
+
+import functools
+
+import redis
+
+from reembed.models import LoadedModel, load_model, resolve_model
+from reembed.progress import redis_client
+from reembed.registry import Registry
+from reembed.settings import Settings
+from reembed.store import Store
+
+
+@functools.cache
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+@functools.cache
+def store() -> Store:
+    return Store(settings().chroma_url)
+
+
+@functools.cache
+def registry() -> Registry:
+    return Registry(store())
+
+
+@functools.cache
+def redis_conn() -> redis.Redis:
+    return redis_client(settings().redis_url)
+
+
+def model(name: str) -> LoadedModel:
+    """The model, loaded once per process (``load_model`` caches)."""
+    s = settings()
+    return load_model(resolve_model(name), s.data_dir, s.device, s.torch_threads)
+
+
+def reset() -> None:
+    """Drop cached connections (after a Chroma server restart, for example)."""
+    for cached in (store, registry, redis_conn):
+        cached.cache_clear()

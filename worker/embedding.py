@@ -1,0 +1,155 @@
+"""Re-embedding one batch: plain functions, so they are tested without Celery.
+
+A batch is embedded as a whole; if the model raises, the batch is split in halves until the
+document(s) that make it fail are isolated. Those are recorded as failed with the reason and
+every other document proceeds. Connection errors are *not* split: they propagate as
+``RetryableError`` and the task retries the whole batch later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+import structlog
+
+from reembed.documents import content_hash, user_metadata
+from reembed.errors import CollectionNotFoundError, ModelMismatchError, RetryableError
+from reembed.models import LoadedModel
+from reembed.progress import MAX_DELIVERIES, Progress
+from reembed.registry import MigrationRecord, MigrationState, Registry
+from reembed.store import Store
+
+log = structlog.get_logger(__name__)
+
+
+class PausedError(RetryableError):
+    """The migration is paused: hold the batch and try it again later."""
+
+
+@dataclass
+class BatchOutcome:
+    """What happened to one batch."""
+
+    batch_id: str
+    written: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    dropped: str | None = None  # why the batch was not processed at all
+    finished_migration: bool = False
+
+
+def embed_isolating(embed: Callable[[list[str]], np.ndarray], ids: list[str], texts: list[str],
+                    ) -> tuple[list[int], np.ndarray | None, dict[str, str]]:
+    """Embed ``texts``; on a model error split in halves to find the failing documents.
+
+    Returns:
+        (indexes that succeeded, their vectors in that order, {id: reason} of failures).
+    """
+    try:
+        vectors = embed(texts)
+        if not np.all(np.isfinite(vectors)):
+            raise ValueError("the model returned NaN or infinite values")
+        return list(range(len(texts))), vectors, {}
+    except RetryableError:
+        raise
+    except Exception as exc:  # a poison document: anything the model itself raises
+        if len(texts) == 1:
+            return [], None, {ids[0]: f"{type(exc).__name__}: {exc}"[:500]}
+    mid = len(texts) // 2
+    left = embed_isolating(embed, ids[:mid], texts[:mid])
+    right = embed_isolating(embed, ids[mid:], texts[mid:])
+    indexes = left[0] + [mid + i for i in right[0]]
+    parts = [v for v in (left[1], right[1]) if v is not None and len(v)]
+    vectors_out = np.concatenate(parts) if parts else None
+    return indexes, vectors_out, {**left[2], **right[2]}
+
+
+def provenance(model: LoadedModel, text: str, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The user's metadata plus the fields that trace a vector back to its model."""
+    return {
+        **user_metadata(metadata),
+        "embedding_model": model.spec.name,
+        "model_fingerprint": model.fingerprint,
+        "embedded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "content_hash": content_hash(text, metadata),
+    }
+
+
+def migration_state(progress: Progress, registry: Registry, migration_id: str) -> tuple[str, MigrationRecord]:
+    """The state from Redis (fast path), falling back to the durable record."""
+    record = registry.get_migration(migration_id)
+    return progress.state() or record.state.value, record
+
+
+def reembed_batch(
+    *,
+    migration_id: str,
+    batch_id: str,
+    ids: list[str],
+    documents: list[str],
+    metadatas: list[dict[str, Any]],
+    first_delivery: bool,
+    store: Store,
+    registry: Registry,
+    client: redis.Redis,
+    load: Callable[[str], LoadedModel],
+) -> BatchOutcome:
+    """Embed one batch with the migration's target model and upsert it idempotently.
+
+    Raises:
+        PausedError: the migration is paused; the caller retries later.
+        RetryableError: Chroma or Redis is unreachable.
+        ModelMismatchError: this worker's model is not the one the migration records.
+    """
+    progress = Progress(client, migration_id)
+    outcome = BatchOutcome(batch_id)
+    state, record = migration_state(progress, registry, migration_id)
+    if state == MigrationState.PAUSED.value:
+        raise PausedError(f"migration {migration_id} is paused")
+    if state not in (MigrationState.RUNNING.value, MigrationState.VERIFYING.value):
+        outcome.dropped = f"migration is {state}"
+        return outcome
+    if first_delivery and progress.count_delivery(batch_id) > MAX_DELIVERIES:
+        reason = f"batch {batch_id} was delivered {MAX_DELIVERIES} times without finishing (worker lost each time)"
+        outcome.failed = dict.fromkeys(ids, reason)
+        progress.record_failures(outcome.failed)
+        outcome.finished_migration = progress.record_batch(batch_id, 0)
+        return outcome
+
+    model = load(record.to_model)
+    if model.fingerprint != record.to_fingerprint:
+        raise ModelMismatchError(
+            f"this worker's {record.to_model!r} has fingerprint {model.fingerprint}, migration {migration_id} "
+            f"records {record.to_fingerprint}; install the same weights on every worker"
+        )
+    probe = json.dumps([round(float(x), 6) for x in model.probe])
+    progress.r.hsetnx(progress.key, "probe", probe)
+    progress.r.hsetnx(progress.key, "dimension", model.dimension)
+    model.check_probe(json.loads(progress.get().get("probe", probe)), f"migration {migration_id}")
+
+    ok, vectors, failed = embed_isolating(model.embed_documents, ids, documents)
+    if ok and vectors is not None:
+        try:
+            store.upsert(
+                record.target_collection,
+                ids=[ids[i] for i in ok],
+                embeddings=vectors,
+                documents=[documents[i] for i in ok],
+                metadatas=[provenance(model, documents[i], metadatas[i]) for i in ok],
+            )
+        except CollectionNotFoundError:
+            state, _ = migration_state(progress, registry, migration_id)
+            if state == MigrationState.CANCELLED.value:
+                outcome.dropped = "migration was cancelled"
+                return outcome
+            raise
+    outcome.written = len(ok)
+    outcome.failed = failed
+    progress.record_failures(failed)
+    outcome.finished_migration = progress.record_batch(batch_id, len(ok))
+    return outcome
