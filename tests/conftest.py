@@ -1,0 +1,31 @@
+"""Shared fixtures: real Redis (a dedicated, flushed database), a real `chroma run`, real models.
+
+A missing Redis skips the integration tests locally and fails them in CI (dramatiq's rule).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("REEMBED_TEST_SHARED", ROOT.parent / "shared"))
+SCIFACT = SHARED / "datasets" / "scifact"
+M2V_MINILM = SHARED / "models" / "m2v-minilm-256"
+M2V_MPNET = SHARED / "models" / "m2v-mpnet-256"
+#: Redis database used by the tests; flushed before and after each test that uses it.
+TEST_REDIS_URL = os.environ.get("REEMBED_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{path} is missing; CI needs shared/ beside the checkout")
+        pytest.skip(f"{path} not present")
+    return path
