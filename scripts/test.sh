@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README and .ci/run): install, make sure Redis runs on 127.0.0.1:6379, run pytest.
+# Unit tests need nothing; integration tests use Redis database 13 (flushed), start their own
+# `chroma run` servers and Celery workers, and the shared/ folder beside the checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "test: starting Redis on 127.0.0.1:6379"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,105 @@
+"""Fast tests of pure logic: settings, documents, batch splitting, the state machine, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reembed.documents import check_metadata, content_hash, validate_corpus
+from reembed.errors import ConfigError, InputError, ModelNotFoundError
+from reembed.migrations import check_alias_name, check_batch_size
+from reembed.models import KNOWN_MODELS, fingerprint, locate_weights_if_installed, resolve_model
+from reembed.registry import TRANSITIONS, MigrationState
+from reembed.settings import Settings
+from worker.embedding import embed_isolating
+
+
+def test_settings_defaults_and_bounds() -> None:
+    s = Settings.from_env({})
+    assert (s.redis_url, s.chroma_url, s.device, s.batch_size) == ("", "", "auto", 64)
+    assert Settings.from_env(s.to_env()) == s
+    with pytest.raises(ConfigError, match="REEMBED_BATCH_SIZE"):
+        Settings.from_env({"REEMBED_BATCH_SIZE": "-3"})
+    with pytest.raises(ConfigError, match="REEMBED_DEVICE"):
+        Settings.from_env({"REEMBED_DEVICE": "tpu"})
+
+
+def test_content_hash_covers_text_and_user_metadata_only() -> None:
+    base = content_hash("text", {"a": 1, "b": "x"})
+    assert base == content_hash("text", {"b": "x", "a": 1})
+    assert base == content_hash("text", {"a": 1, "b": "x", "embedding_model": "m", "content_hash": "h"})
+    assert base != content_hash("text!", {"a": 1, "b": "x"})
+    assert base != content_hash("text", {"a": 2, "b": "x"})
+
+
+def test_corpus_validation_rejects_bad_input(tmp_path: Path) -> None:
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"_id": "1", "title": "T", "text": "body"}) + "\n" + json.dumps({"id": "1", "text": "x"}) + "\n")
+    with pytest.raises(InputError, match="duplicate id '1'"):
+        validate_corpus(f)
+    f.write_bytes(b'{"id": "1", "text": "\xff"}\n')
+    with pytest.raises(InputError, match="UTF-8"):
+        validate_corpus(f)
+    f.write_text('{"id": "1", "text": "ok", "metadata": {"tags": ["a"]}}\n')
+    with pytest.raises(InputError, match="metadata 'tags'"):
+        validate_corpus(f)
+    f.write_text('{"id": "1", "text": "ok"}\n{"id": "2", "text": " "}\n')
+    assert validate_corpus(f) == (2, ["2"])
+    with pytest.raises(InputError, match="does not exist"):
+        validate_corpus(tmp_path / "nope.jsonl")
+    assert check_metadata("x", None, "here") == {}
+
+
+def test_embed_isolating_finds_poison_documents() -> None:
+    def embed(texts: list[str]) -> np.ndarray:
+        if any("POISON" in t for t in texts):
+            raise RuntimeError("model blew up")
+        return np.array([[float(len(t)), 1.0] for t in texts])
+
+    texts = ["a", "bb", "POISON one", "ccc", "dddd", "POISON two", "e"]
+    ids = [f"id{i}" for i in range(len(texts))]
+    ok, vectors, failed = embed_isolating(embed, ids, texts)
+    assert ok == [0, 1, 3, 4, 6]
+    assert vectors is not None and vectors[:, 0].tolist() == [1, 2, 3, 4, 1]
+    assert set(failed) == {"id2", "id5"} and "model blew up" in failed["id2"]
+
+
+def test_state_machine_refuses_going_live_from_running() -> None:
+    assert MigrationState.LIVE not in TRANSITIONS[MigrationState.RUNNING]
+    assert MigrationState.LIVE in TRANSITIONS[MigrationState.COMPLETE]
+    assert not TRANSITIONS[MigrationState.CANCELLED]
+
+
+def test_names_and_batch_sizes() -> None:
+    assert check_alias_name("docs-v1.2") == "docs-v1.2"
+    for bad in ("", "-docs", "a b", "x" * 70, "a..b"):
+        with pytest.raises(InputError):
+            check_alias_name(bad)
+    with pytest.raises(InputError, match="batch size"):
+        check_batch_size(0, Settings.from_env({}))
+
+
+def test_unknown_model_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="all-MiniLM-L6-v2"):
+        resolve_model("bge-large-xx")
+    with pytest.raises(ModelNotFoundError, match="modules.json"):
+        resolve_model(str(tmp_path))
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2").name == "all-MiniLM-L6-v2"
+
+
+def test_two_models_of_the_same_dimension_get_different_fingerprints(tmp_path: Path) -> None:
+    minilm = KNOWN_MODELS["all-MiniLM-L6-v2"]
+    copy = tmp_path / "minilm-copy"
+    shutil.copytree(locate_weights_if_installed(minilm), copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of one weight: another model, still 384-d
+    weights.write_bytes(bytes(data))
+    other = resolve_model(str(copy))
+    assert other.dimension == minilm.dimension == 384
+    assert fingerprint(other, tmp_path) != fingerprint(minilm, tmp_path)
+    assert fingerprint(minilm, tmp_path) == fingerprint(minilm, tmp_path)  # stable (and cached)
