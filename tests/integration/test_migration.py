@@ -144,3 +144,38 @@ def test_worker_killed_mid_migration_every_document_once(
     assert all(m["embedding_model"] == "all-MiniLM-L6-v2" for _, m, _ in tgt.values())
     status = control.status(migration.id)
     assert (status["done"], status["failed"], status["total"]) == (300, 0, 300)
+
+
+def test_resume_after_redis_lost_everything_finishes_by_diffing(
+        tmp_path: Path, chroma: ChromaServer, control: ControlPlane, start_workers: Callable[..., Workers],
+        redis_url: str) -> None:
+    import redis as redis_lib
+
+    # Given an alias of 120 documents and a migration that half ran
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", 120)
+    first = start_workers(1)
+    ingest = control.ingest("lost", corpus, str(need(M2V_MINILM)), batch_size=40)
+    control.wait(ingest.id, timeout=300)
+    first.stop()
+    migration = control.migrate("lost", str(need(M2V_MPNET)), batch_size=20)
+    client = chromadb.HttpClient(host="127.0.0.1", port=chroma.port)
+    source = client.get_collection(ingest.target_collection)
+    half = source.get(limit=60, include=["documents", "metadatas"])
+    from reembed.documents import content_hash
+    client.get_collection(migration.target_collection).upsert(
+        ids=half["ids"], embeddings=[[0.0] * 255 + [1.0]] * 60, documents=half["documents"],
+        metadatas=[{**m, "content_hash": content_hash(d, m), "model_fingerprint": migration.to_fingerprint}
+                   for d, m in zip(half["documents"], half["metadatas"], strict=True)])
+    # When Redis loses everything (queue, progress) and workers come back
+    redis_lib.Redis.from_url(redis_url).flushdb()
+    start_workers(1)
+    control.resume(migration.id)
+    final = control.wait(migration.id, timeout=300)
+    # Then the migration finishes from the durable records: the diff fed only the missing 60
+    assert final.state == MigrationState.LIVE, final.error
+    tgt = all_docs(chroma, migration.target_collection)
+    assert len(tgt) == 120
+    status = control.status(migration.id)
+    assert (status["done"], status["total"], status["failed"]) == (120, 120, 0)
+    recomputed = [i for i, (_, _, v) in tgt.items() if v[-1] < 0.999]
+    assert len(recomputed) == 60  # the other 60 were trusted by id + content hash, not re-embedded
