@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -59,9 +60,9 @@ def start_workers(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
     """Start worker processes (a real `celery worker` subprocess); all are stopped after the test."""
     started: list[Workers] = []
 
-    def start(concurrency: int = 2, **overrides: str) -> Workers:
+    def start(concurrency: int = 2, queues: str = "reembed.batches,reembed.control", **overrides: Any) -> Workers:
         s = settings.with_(**overrides) if overrides else settings
-        w = Workers(s, concurrency, name=f"test{len(started)}-{time.monotonic_ns()}@%h")
+        w = Workers(s, concurrency, name=f"test{len(started)}-{time.monotonic_ns()}@%h", queues=queues)
         started.append(w.start(tmp_path / "worker.log"))
         return w
 

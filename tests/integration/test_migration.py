@@ -179,3 +179,30 @@ def test_resume_after_redis_lost_everything_finishes_by_diffing(
     assert (status["done"], status["total"], status["failed"]) == (120, 120, 0)
     recomputed = [i for i, (_, _, v) in tgt.items() if v[-1] < 0.999]
     assert len(recomputed) == 60  # the other 60 were trusted by id + content hash, not re-embedded
+
+
+def test_backpressure_bounds_the_batches_waiting_in_redis(
+        tmp_path: Path, control: ControlPlane, start_workers: Callable[..., Workers], redis_url: str) -> None:
+    import redis as redis_lib
+
+    # Given an alias of 200 documents and a worker that only runs control tasks (nobody embeds)
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", 200)
+    first = start_workers(1)
+    ingest = control.ingest("bp", corpus, str(need(M2V_MINILM)), batch_size=50)
+    control.wait(ingest.id, timeout=300)
+    first.stop()
+    start_workers(1, queues="reembed.control")
+    # When a migration in batches of 10 (20 batches) is started with at most 4 waiting
+    migration = control.migrate("bp", str(need(M2V_MPNET)), batch_size=10)
+    client = redis_lib.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 60
+    while client.llen("reembed.batches") < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the pump keeps running every 0.5 s meanwhile
+    # Then exactly 4 batches wait in Redis, not 20
+    assert client.llen("reembed.batches") == 4
+    assert control.status(migration.id)["done"] == 0
+    # And when an embedding worker joins, the migration drains and completes
+    start_workers(1)
+    assert control.wait(migration.id, timeout=300).state == MigrationState.LIVE
+    assert control.status(migration.id)["done"] == 200
