@@ -50,7 +50,7 @@ def check_metadata(doc_id: str, metadata: Any, where: str) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise InputError(f"{where}: document {doc_id!r} has metadata of type {type(metadata).__name__}; use an object")
     for key, value in metadata.items():
-        if not isinstance(value, (str, int, float, bool)) or value is None:
+        if not isinstance(value, (str, int, float, bool)):
             raise InputError(
                 f"{where}: document {doc_id!r} metadata {key!r} is {type(value).__name__}; Chroma stores only "
                 "str, int, float and bool values (flatten it or encode it as a string)"

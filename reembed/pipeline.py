@@ -192,10 +192,11 @@ def finalize(app: Celery, store: Store, registry: Registry, client: redis.Redis,
 
 def _complete(app: Celery, store: Store, registry: Registry, progress: Progress, record: MigrationRecord,
               counts: dict[str, int]) -> str:
-    probe = progress.get().get("probe")
+    fields = progress.get()
+    probe = fields.get("probe")
     registry.put_collection(CollectionRecord(
         name=record.target_collection, model=record.to_model, fingerprint=record.to_fingerprint,
-        dimension=int(progress.get().get("dimension", 0)) or None,
+        dimension=int(fields.get("dimension", 0)) or None,
         origin="ingest" if record.kind == "ingest" else "migration", migration_id=record.id,
         probe=json.loads(probe) if probe else None,
     ))
