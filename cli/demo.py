@@ -32,9 +32,9 @@ def _say(quiet: bool, message: str) -> None:
 
 
 def _ask(searcher: Searcher, query: str, phase: str) -> dict[str, Any]:
-    result = searcher.search(ALIAS, query, k=3)
-    return {"phase": phase, "query": query, "collection": result.collection, "model": result.model,
-            "top": [h.id for h in result.hits]}
+    result = searcher.search(ALIAS, query, k=3)  # hybrid: BM25 + the live collection's own model
+    return {"phase": phase, "query": query, "collection": result.served_by.collection,
+            "model": result.served_by.model, "mode": result.mode, "top": [h.id for h in result.results]}
 
 
 def run_demo(settings: Settings, corpus: Path | None, from_model: str, to_model: str, workers: int,

@@ -242,19 +242,47 @@ _control("cancel", "Cancel a migration and delete its partial target (never the 
 @click.argument("alias")
 @click.argument("query")
 @click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--mode", type=click.Choice(["hybrid", "semantic", "keyword"]), default="hybrid", show_default=True)
 @json_option
 @click.pass_obj
-def search(settings: Settings, alias: str, query: str, k: int, as_json: bool) -> None:
-    """Semantic search of ALIAS, served by its live collection's own model."""
+def search(settings: Settings, alias: str, query: str, k: int, mode: str, as_json: bool) -> None:
+    """Search ALIAS: BM25 and/or its live collection's own model, fused by rank."""
     def run() -> None:
         from search import Searcher
 
         with stack(settings, 0) as local:
-            result = Searcher(local.settings).search(alias, query, k)
-        payload = {"alias": alias, "served_by": {"collection": result.collection, "model": result.model,
-                                                 "fingerprint": result.fingerprint},
-                   "results": [vars(h) for h in result.hits]}
-        _emit(as_json, payload, "\n".join(f"{h.score:.3f}  {h.id}  {(h.document or '')[:80]}" for h in result.hits))
+            searcher = Searcher(local.settings)
+            try:
+                result = searcher.search(alias, query, k, mode, fresh_index=True)  # type: ignore[arg-type]
+            finally:
+                searcher.close()
+        served = result.served_by
+        lines = [f"{result.mode} search of {alias}: {served.collection} ({served.model}), {result.took_ms} ms"]
+        if result.degraded:
+            lines.append(f"degraded: {result.degraded}")
+        lines += [f"{h.score:8.4f}  {h.id:<16} bm25={h.ranks.bm25 or '-':<4} semantic={h.ranks.semantic or '-':<4} "
+                  f"{(h.document or '')[:70]}" for h in result.results]
+        _emit(as_json, result.model_dump(mode="json"), "\n".join(lines))
+    run_guarded(run)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; loopback unless you put a proxy or REEMBED_API_KEY in front.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.pass_obj
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Serve GET/POST /search, /aliases, /healthz over HTTP (OpenAPI at /docs)."""
+    def run() -> None:
+        import uvicorn
+
+        from search.api import create_app
+
+        with stack(settings, 0) as local:
+            if not settings.chroma_url:
+                click.echo(f"reembed: serving the local Chroma at {local.settings.chroma_url}", err=True)
+            uvicorn.run(create_app(local.settings), host=host, port=port, log_config=None,
+                        log_level=settings.log_level.lower())
     run_guarded(run)
 
 

@@ -30,14 +30,13 @@ from reembed.progress import Progress, alias_lock, redis_client
 from reembed.queue import TASK_CHECK_VECTORS, TASK_FINALIZE, TASK_PUMP, client_app
 from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
 from reembed.settings import Settings
+from reembed.status import FINAL_STATES, migration_status
 from reembed.store import Store
 
 log = structlog.get_logger(__name__)
 
 #: Seconds between two looks at Redis while waiting for room in the queue or for the end.
 POLL_S = 0.2
-FINAL_STATES = frozenset({MigrationState.COMPLETE, MigrationState.LIVE, MigrationState.CANCELLED,
-                          MigrationState.FAILED, MigrationState.ROLLED_BACK})
 
 
 class ControlPlane:
@@ -182,25 +181,7 @@ class ControlPlane:
         return {**out, **self.migration_status(record)}
 
     def migration_status(self, record: MigrationRecord) -> dict[str, Any]:
-        progress = Progress(self.redis, record.id)
-        live = progress.exists()
-        counts = progress.counts() if live else {"total": record.total, "done": record.done,
-                                                 "failed": record.failed, "skipped": record.skipped}
-        fields = progress.get() if live else {}
-        started = float(fields.get("started_at", record.created_at))
-        end = float(fields.get("finished_at", 0)) or record.finished_at or time.time()
-        rate = counts["done"] / max(end - started, 1e-6)
-        remaining = max(counts["total"] - counts["done"] - counts["failed"] - counts["skipped"], 0)
-        return {
-            "migration_id": record.id, "kind": record.kind, "source_collection": record.source_collection,
-            "source_file": record.source_file, "target_collection": record.target_collection,
-            "from_model": record.from_model, "to_model": record.to_model, "to_fingerprint": record.to_fingerprint,
-            "state": fields.get("state", record.state.value) if record.state not in FINAL_STATES else record.state.value,
-            **counts, "docs_per_s": round(rate, 2),
-            "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
-            "verified": record.verified, "cutover": record.cutover, "error": record.error,
-            "failures": progress.failures(10) if live else {}, "progress_in_redis": live,
-        }
+        return migration_status(self.redis, record)
 
     def wait(self, migration_id: str, timeout: float | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> MigrationRecord:

@@ -52,6 +52,11 @@ def alias_lock_key(alias: str) -> str:
     return f"{PREFIX}:lock:alias:{alias}"
 
 
+def collection_writes_key(collection: str) -> str:
+    """A counter bumped by every write reembed makes to a collection: search indexes compare it."""
+    return f"{PREFIX}:collection:{collection}:writes"
+
+
 def redis_client(url: str) -> redis.Redis:
     """A client for ``redis://``, ``rediss://``, ``unix://`` or Celery's ``redis+socket://`` URL."""
     parsed = urlparse(url)
@@ -209,3 +214,14 @@ def alias_lock(client: redis.Redis, alias: str) -> Iterator[None]:
     finally:
         with contextlib.suppress(redis.RedisError):
             lock.release()
+
+
+def bump_writes(client: redis.Redis, collection: str) -> None:
+    """Tell every search process that ``collection``'s documents changed (its BM25 index is stale)."""
+    with redis_errors(f"counting a write to {collection!r}"):
+        client.incr(collection_writes_key(collection))
+
+
+def read_writes(client: redis.Redis, collection: str) -> int:
+    with redis_errors(f"reading the write counter of {collection!r}"):
+        return int(client.get(collection_writes_key(collection)) or 0)

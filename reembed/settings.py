@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,10 @@ FIELDS: tuple[Field, ...] = (
           "Seconds before a batch held by a vanished worker is delivered again."),
     Field("TORCH_THREADS", "1", "Torch threads per worker process; one per process scales best "
           "on a shared CPU (models.md)."),
+    Field("SEARCH_DEPTH", "100", "Candidates each retriever returns before fusion (at least k)."),
+    Field("RRF_K", "60", "The k of reciprocal rank fusion: 1/(k + rank) per retriever."),
+    Field("INDEX_REFRESH_S", "1", "Seconds between checks that a BM25 index still matches its collection."),
+    Field("API_KEY", "", "When set, the HTTP search requires `Authorization: Bearer <key>`. Never logged."),
     Field("LOG_FORMAT", "auto", "auto (console on a terminal, JSON lines otherwise), console or json."),
     Field("LOG_LEVEL", "INFO", "Log level of every process."),
 )
@@ -70,6 +74,10 @@ class Settings:
     max_waiting_batches: int
     visibility_timeout_s: int
     torch_threads: int
+    search_depth: int
+    rrf_k: int
+    index_refresh_s: float
+    api_key: str = field(repr=False)
     log_format: str
     log_level: str
 
@@ -98,6 +106,10 @@ class Settings:
             max_waiting_batches=_int(raw, "MAX_WAITING_BATCHES", 1, 10_000),
             visibility_timeout_s=_int(raw, "VISIBILITY_TIMEOUT_S", 10, 7 * 24 * 3600),
             torch_threads=_int(raw, "TORCH_THREADS", 1, 256),
+            search_depth=_int(raw, "SEARCH_DEPTH", 1, 1000),
+            rrf_k=_int(raw, "RRF_K", 0, 10_000),
+            index_refresh_s=_float(raw, "INDEX_REFRESH_S", 0.1, 3600),
+            api_key=raw["API_KEY"].strip(),
             log_format=log_format,
             log_level=raw["LOG_LEVEL"].strip().upper() or "INFO",
         )
@@ -117,6 +129,9 @@ class Settings:
             PREFIX + "MAX_WAITING_BATCHES": str(self.max_waiting_batches),
             PREFIX + "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
             PREFIX + "TORCH_THREADS": str(self.torch_threads),
+            PREFIX + "SEARCH_DEPTH": str(self.search_depth),
+            PREFIX + "RRF_K": str(self.rrf_k),
+            PREFIX + "INDEX_REFRESH_S": str(self.index_refresh_s),
             PREFIX + "LOG_FORMAT": self.log_format,
             PREFIX + "LOG_LEVEL": self.log_level,
         }
@@ -127,6 +142,16 @@ def _int(raw: Mapping[str, str], name: str, low: int, high: int) -> int:
         value = int(raw[name])
     except ValueError:
         raise ConfigError(f"REEMBED_{name}={raw[name]!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"REEMBED_{name}={value} is out of range: use {low}..{high}")
+    return value
+
+
+def _float(raw: Mapping[str, str], name: str, low: float, high: float) -> float:
+    try:
+        value = float(raw[name])
+    except ValueError:
+        raise ConfigError(f"REEMBED_{name}={raw[name]!r} is not a number") from None
     if not low <= value <= high:
         raise ConfigError(f"REEMBED_{name}={value} is out of range: use {low}..{high}")
     return value

@@ -1,0 +1,45 @@
+"""A migration's exact progress, read from Redis (or from the durable record once Redis forgot it).
+
+Shared by ``reembed status``, the control plane and the search service's ``GET /aliases``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from reembed.progress import Progress
+from reembed.registry import MigrationRecord, MigrationState
+
+FINAL_STATES = frozenset({MigrationState.COMPLETE, MigrationState.LIVE, MigrationState.CANCELLED,
+                          MigrationState.FAILED, MigrationState.ROLLED_BACK})
+
+
+def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, Any]:
+    """Counts, rate and ETA of one migration.
+
+    Raises:
+        QueueUnavailableError: Redis is unreachable.
+    """
+    progress = Progress(client, record.id)
+    live = progress.exists()
+    counts = progress.counts() if live else {"total": record.total, "done": record.done,
+                                             "failed": record.failed, "skipped": record.skipped}
+    fields = progress.get() if live else {}
+    started = float(fields.get("started_at", record.created_at))
+    end = float(fields.get("finished_at", 0)) or record.finished_at or time.time()
+    rate = counts["done"] / max(end - started, 1e-6)
+    remaining = max(counts["total"] - counts["done"] - counts["failed"] - counts["skipped"], 0)
+    return {
+        "migration_id": record.id, "kind": record.kind, "source_collection": record.source_collection,
+        "source_file": record.source_file, "target_collection": record.target_collection,
+        "from_model": record.from_model, "to_model": record.to_model, "to_fingerprint": record.to_fingerprint,
+        "state": fields.get("state", record.state.value) if record.state not in FINAL_STATES else record.state.value,
+        **counts, "docs_per_s": round(rate, 2),
+        "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
+        "verified": record.verified, "cutover": record.cutover, "error": record.error,
+        "failures": progress.failures(10) if live else {}, "progress_in_redis": live,
+    }
+

@@ -1,0 +1,181 @@
+"""The HTTP search service (FastAPI; OpenAPI at ``/docs``).
+
+Status codes: 422 bad input (empty query, k out of range, unknown mode), 404 unknown alias,
+409 model mismatch, 503 Chroma or Redis unreachable (with the reason), 401 missing or wrong API
+key. Endpoints are plain ``def``: FastAPI runs them on its thread pool, since embedding a query
+and asking Chroma block.
+
+Start-up loads every alias's BM25 index (building it the first time) and model before the
+first request is accepted; a background thread then keeps indexes fresh and prepares the target
+of a migration about to be cut over.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from reembed.errors import (
+    AliasNotFoundError,
+    InputError,
+    ModelMismatchError,
+    QueueUnavailableError,
+    ReembedError,
+    RetryableError,
+)
+from reembed.settings import Settings
+from reembed.status import migration_status
+from search.results import Mode, SearchResponse
+from search.searcher import MAX_K, MAX_QUERY_CHARS, Searcher
+
+log = logging.getLogger(__name__)
+
+#: Queries in one POST /search: bounds the work one request can ask for.
+MAX_BATCH_QUERIES = 100
+#: Module level: FastAPI resolves the (postponed) annotations of endpoints in this module's globals.
+_bearer = HTTPBearer(auto_error=False)
+
+
+class SearchRequest(BaseModel):
+    alias: str = Field(min_length=1, max_length=512)
+    q: str | list[str] = Field(description=f"one query, or up to {MAX_BATCH_QUERIES} queries")
+    k: int = Field(10, ge=1, le=MAX_K)
+    mode: Mode = "hybrid"
+
+
+class BatchSearchResponse(BaseModel):
+    responses: list[SearchResponse]
+
+
+def _status_for(exc: ReembedError) -> int:
+    if isinstance(exc, AliasNotFoundError):
+        return 404
+    if isinstance(exc, ModelMismatchError):
+        return 409
+    if isinstance(exc, RetryableError):
+        return 503
+    if isinstance(exc, InputError):
+        return 422
+    return 500
+
+
+def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
+    """The app. Pass a ``searcher`` to share one (tests); otherwise one is made at start-up."""
+    state: dict[str, Any] = {"searcher": searcher, "warm_errors": {}}
+    stop = threading.Event()
+
+    def keep_fresh() -> None:
+        while not stop.wait(settings.index_refresh_s):
+            try:
+                state["warm_errors"] = state["searcher"].warm()
+            except ReembedError as exc:  # Chroma down: keep serving from memory
+                state["warm_errors"] = {"*": str(exc)}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state["searcher"] is None:
+            state["searcher"] = Searcher(settings)
+        state["warm_errors"] = state["searcher"].warm()
+        thread = threading.Thread(target=keep_fresh, name="search-upkeep", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            if searcher is None:
+                state["searcher"].close()
+
+    app = FastAPI(title="reembed search", version="1", lifespan=lifespan,
+                  description="Hybrid BM25 + semantic search by alias, always served by the alias's live "
+                              "collection with that collection's own embedding model.")
+    def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if not settings.api_key:
+            return
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise _Unauthorised()
+
+    @app.exception_handler(ReembedError)
+    async def reembed_error(request: Request, exc: ReembedError) -> JSONResponse:
+        code = _status_for(exc)
+        if code == 500:
+            log.error("search failed: %s", exc)
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code)
+
+    @app.exception_handler(_Unauthorised)
+    async def unauthorised(request: Request, exc: _Unauthorised) -> JSONResponse:
+        return JSONResponse({"detail": "missing or wrong API key: send Authorization: Bearer <REEMBED_API_KEY>"},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Never echo the input back: it may be a whole document.
+        errors = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    def _searcher() -> Searcher:
+        return state["searcher"]
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """Liveness and what is loaded; 200 while the process can answer keyword queries."""
+        loaded = _searcher().indexes.loaded()
+        return {"status": "ok", "indexes": {name: len(index) for name, index in loaded.items()},
+                "problems": state["warm_errors"]}
+
+    @app.get("/search", response_model=SearchResponse, dependencies=[Depends(authorise)])
+    def search_get(
+        alias: Annotated[str, Query(min_length=1, max_length=512)],
+        q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)],
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+        mode: Mode = "hybrid",
+    ) -> SearchResponse:
+        return _searcher().search(alias, q, k, mode)
+
+    @app.post("/search", response_model=SearchResponse | BatchSearchResponse, dependencies=[Depends(authorise)])
+    def search_post(body: SearchRequest) -> SearchResponse | BatchSearchResponse:
+        if isinstance(body.q, str):
+            return _searcher().search(body.alias, body.q, body.k, body.mode)
+        if not 1 <= len(body.q) <= MAX_BATCH_QUERIES:
+            raise InputError(f"send 1..{MAX_BATCH_QUERIES} queries in one request (got {len(body.q)})")
+        return BatchSearchResponse(responses=[_searcher().search(body.alias, q, body.k, body.mode) for q in body.q])
+
+    @app.get("/aliases", dependencies=[Depends(authorise)])
+    def aliases() -> dict[str, Any]:
+        """Every alias with its live collection, model, document count and any running migration."""
+        searcher = _searcher()
+        rows = []
+        for alias in searcher.registry.aliases():
+            record = searcher.collection_record(alias.live_collection)
+            index = searcher.indexes.current(alias.live_collection)
+            row: dict[str, Any] = {
+                "alias": alias.alias, "live_collection": alias.live_collection,
+                "previous_collection": alias.previous_collection, "model": record.model,
+                "fingerprint": record.fingerprint, "documents": searcher.store.count(alias.live_collection),
+                "bm25_index": {"documents": len(index), "built_at": index.built_at} if index else None,
+                "migration": None,
+            }
+            latest = searcher.registry.latest_migration(alias.alias)
+            if latest is not None and latest.kind == "migrate":
+                if searcher.redis is None:
+                    raise QueueUnavailableError("no REEMBED_REDIS_URL: migration progress cannot be read")
+                row["migration"] = migration_status(searcher.redis, latest)
+            rows.append(row)
+        return {"aliases": rows}
+
+    return app
+
+
+class _Unauthorised(Exception):
+    """Raised by the API-key check; rendered as 401 without detail about the key."""

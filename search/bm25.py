@@ -1,0 +1,148 @@
+"""The keyword side: a BM25 index (``bm25s``) over every document of one collection.
+
+Why bm25s: on 100,000 documents it answered in 16 ms p50 against 128 ms for ``rank-bm25``, in a
+quarter of the memory, and saves/loads its sparse matrix in milliseconds (issue 3). ``rank-bm25``
+stays in the tests as the reference implementation.
+
+An index is immutable once built. It keeps, next to the bm25s matrix, the ids, texts and metadata
+of the documents it was built from, so keyword search can still answer (and say so) while the
+Chroma server is unreachable. It is persisted as plain files (numpy arrays and JSON, never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import numpy as np
+import Stemmer
+
+from reembed.errors import StoreError
+
+#: bm25s's defaults (Lucene variant, k1=1.5, b=0.75): the MTEB bm25s baseline that scores
+#: 0.687 nDCG@10 on SciFact with English stop words and the Snowball stemmer.
+DEFAULT_PARAMS: dict[str, Any] = {"method": "lucene", "k1": 1.5, "b": 0.75}
+_STEMMER = Stemmer.Stemmer("english")
+_DOCS_FILE = "documents.jsonl"
+_META_FILE = "reembed-index.json"
+
+
+def tokenize(texts: list[str]) -> list[list[str]]:
+    """Lower-case, drop English stop words, stem (Snowball English): the same for documents and queries."""
+    return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=_STEMMER, return_ids=False,
+                          show_progress=False)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class IndexSignature:
+    """What the index was built from; a different signature means the index is stale."""
+
+    collection: str
+    count: int
+    writes: int  # the collection's write counter in Redis (bumped by reembed's write path); 0 if none
+
+
+@dataclass(frozen=True)
+class KeywordHit:
+    id: str
+    score: float
+    rank: int  # 1-based
+
+
+class Bm25Index:
+    """One collection's BM25 index plus the documents it covers."""
+
+    def __init__(self, signature: IndexSignature, ids: list[str], documents: list[str],
+                 metadatas: list[dict[str, Any]], retriever: bm25s.BM25 | None, built_at: float) -> None:
+        self.signature = signature
+        self.ids = ids
+        self.documents = documents
+        self.metadatas = metadatas
+        self._retriever = retriever  # None for an empty collection
+        self.built_at = built_at
+        self._position = {doc_id: i for i, doc_id in enumerate(ids)}
+
+    @classmethod
+    def build(cls, signature: IndexSignature, ids: list[str], documents: list[str | None],
+              metadatas: list[dict[str, Any] | None], params: dict[str, Any] | None = None) -> Bm25Index:
+        texts = [d or "" for d in documents]
+        retriever = None
+        if ids:
+            retriever = bm25s.BM25(**(params or DEFAULT_PARAMS))
+            retriever.index(tokenize(texts), show_progress=False)
+        return cls(signature, list(ids), texts, [m or {} for m in metadatas], retriever, time.time())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def query(self, text: str, k: int) -> list[KeywordHit]:
+        """Top ``k`` documents that share at least one term with the query, best first."""
+        if self._retriever is None:
+            return []
+        tokens = tokenize([text])
+        if not tokens[0]:
+            return []
+        found, scores = self._retriever.retrieve(tokens, k=min(k, len(self.ids)), show_progress=False,
+                                                 n_threads=1)
+        hits = []
+        for index, score in zip(found[0], scores[0], strict=True):
+            if score <= 0:  # bm25s pads with zero-score documents that match no term
+                break
+            hits.append(KeywordHit(self.ids[int(index)], float(score), len(hits) + 1))
+        return hits
+
+    def scores(self, text: str) -> np.ndarray:
+        """Every document's BM25 score for ``text``, in ``ids`` order (the reference tests use it)."""
+        if self._retriever is None:
+            return np.zeros(0, dtype=np.float32)
+        return np.asarray(self._retriever.get_scores(tokenize([text])[0]), dtype=np.float32)
+
+    def document(self, doc_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The indexed copy of a document (text, metadata), used when Chroma cannot be asked."""
+        at = self._position.get(doc_id)
+        return None if at is None else (self.documents[at], self.metadatas[at])
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        """Write into an empty directory; the caller publishes it atomically (see indexes.py)."""
+        directory.mkdir(parents=True, exist_ok=False)
+        if self._retriever is not None:
+            self._retriever.save(str(directory), show_progress=False)
+        with open(directory / _DOCS_FILE, "w", encoding="utf-8") as handle:
+            for doc_id, text, meta in zip(self.ids, self.documents, self.metadatas, strict=True):
+                handle.write(json.dumps({"id": doc_id, "text": text, "metadata": meta}, ensure_ascii=False) + "\n")
+        meta_out = {"collection": self.signature.collection, "count": self.signature.count,
+                    "writes": self.signature.writes, "built_at": self.built_at, "documents": len(self.ids)}
+        (directory / _META_FILE).write_text(json.dumps(meta_out))
+
+    @classmethod
+    def load(cls, directory: Path) -> Bm25Index:
+        """Load a saved index (memory-mapped matrix: loading 100,000 documents takes milliseconds).
+
+        Raises:
+            StoreError: the directory is incomplete or corrupt; delete it and it is rebuilt.
+        """
+        try:
+            meta = json.loads((directory / _META_FILE).read_text())
+            ids, texts, metas = [], [], []
+            with open(directory / _DOCS_FILE, encoding="utf-8") as handle:
+                for line in handle:
+                    row = json.loads(line)
+                    ids.append(row["id"])
+                    texts.append(row["text"])
+                    metas.append(row["metadata"])
+            retriever = bm25s.BM25.load(str(directory), mmap=True, show_progress=False) if ids else None
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"BM25 index at {directory} is unreadable ({exc}); delete the directory to rebuild it") from exc
+        signature = IndexSignature(meta["collection"], int(meta["count"]), int(meta["writes"]))
+        index = cls(signature, ids, texts, metas, retriever, float(meta["built_at"]))
+        if len(index) != int(meta["documents"]):
+            raise StoreError(f"BM25 index at {directory} holds {len(index)} documents, its header says "
+                             f"{meta['documents']}; delete the directory to rebuild it")
+        return index
+

@@ -1,0 +1,241 @@
+"""Hybrid search by alias: BM25 + semantic, fused by rank, served by the alias's live collection.
+
+The alias is resolved on every query (one small read), so a cutover or a rollback is seen by
+the very next query. The query is embedded with the live collection's **own** model, whose
+fingerprint and probe vector are checked against the collection's record: a mismatch is refused
+(:class:`~reembed.errors.ModelMismatchError`), never served.
+
+Availability: keyword search needs only the in-memory BM25 index. When Chroma is unreachable,
+the alias is resolved from the last record this process saw, ``keyword`` keeps answering,
+``hybrid`` answers with its keyword half and says so in ``degraded``, and ``semantic`` fails
+with :class:`~reembed.errors.StoreUnavailableError`. Redis is never on the query path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+
+from reembed.documents import user_metadata
+from reembed.errors import InputError, ModelMismatchError, ReembedError, StoreUnavailableError
+from reembed.models import LoadedModel, load_model, resolve_model
+from reembed.progress import read_writes, redis_client
+from reembed.registry import AliasRecord, CollectionRecord, Registry
+from reembed.settings import Settings
+from reembed.store import Store
+from search.bm25 import Bm25Index, KeywordHit
+from search.fusion import reciprocal_rank_fusion
+from search.indexes import IndexManager
+from search.results import MODES, Hit, IndexInfo, Mode, Ranks, SearchResponse, ServedBy
+
+MAX_K = 1000
+MAX_QUERY_CHARS = 10_000
+
+
+def check_query(query: str, k: int, mode: str) -> None:
+    """Bounds that keep any one request from allocating without limit.
+
+    Raises:
+        InputError: naming the bound that was crossed.
+    """
+    if not query.strip():
+        raise InputError("query is empty; send some text to search for")
+    if len(query) > MAX_QUERY_CHARS:
+        raise InputError(f"query is {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+    if not 1 <= k <= MAX_K:
+        raise InputError(f"k={k} is out of range: use 1..{MAX_K}")
+    if mode not in MODES:
+        raise InputError(f"mode {mode!r} is unknown: use one of {', '.join(MODES)}")
+
+
+class Searcher:
+    """Hold one per process (it caches models, records and indexes); safe to call from threads."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.chroma_url)
+        self.registry = Registry(self.store)
+        self.redis = redis_client(settings.redis_url) if settings.redis_url else None
+        writes = (lambda name: read_writes(self.redis, name)) if self.redis is not None else None
+        self.indexes = IndexManager(settings.data_dir / "bm25", self.store, writes, settings.index_refresh_s)
+        self._aliases: dict[str, AliasRecord] = {}
+        self._collections: dict[str, CollectionRecord] = {}
+        self._lock = threading.Lock()
+
+    # -- resolution ----------------------------------------------------------------------------
+
+    def resolve(self, alias: str) -> tuple[AliasRecord, str | None]:
+        """The alias's record now; the last one seen (and a note saying so) while Chroma is unreachable."""
+        try:
+            record = self.registry.get_alias(alias)
+        except StoreUnavailableError as exc:
+            with self._lock:
+                cached = self._aliases.get(alias)
+            if cached is None:
+                raise
+            return cached, f"Chroma unreachable ({exc}); alias resolved from the record seen at {cached.updated_at:.0f}"
+        with self._lock:
+            self._aliases[alias] = record
+        return record, None
+
+    def collection_record(self, name: str) -> CollectionRecord:
+        with self._lock:
+            cached = self._collections.get(name)
+        if cached is not None:
+            return cached
+        record = self.registry.get_collection(name)
+        with self._lock:
+            self._collections[name] = record
+        return record
+
+    def model_for(self, record: CollectionRecord) -> LoadedModel:
+        """The collection's own model, loaded once, after checking it is the same model.
+
+        Raises:
+            ModelMismatchError: naming both models, when the weights here differ from those that
+                built the collection.
+        """
+        model = load_model(resolve_model(record.model), self.settings.data_dir, self.settings.device,
+                           self.settings.torch_threads)
+        if model.fingerprint != record.fingerprint:
+            raise ModelMismatchError(
+                f"collection {record.name!r} was embedded with {record.model} ({record.fingerprint}); the model "
+                f"loaded here is {model.spec.name} ({model.fingerprint}); refusing to mix vector spaces"
+            )
+        model.check_probe(record.probe, f"collection {record.name!r}")
+        return model
+
+    def keyword_index(self, alias: AliasRecord, wait: bool = False) -> Bm25Index:
+        """The live collection's BM25 index; while it is being rebuilt after a switch, the previous
+        collection's (same documents). Builds synchronously only when no index exists at all."""
+        live = alias.live_collection
+        index = self.indexes.current(live)
+        if index is None and alias.previous_collection and not wait:
+            index = self.indexes.current(alias.previous_collection)
+            if index is not None:
+                self.indexes.rebuild_in_background(live)
+        if index is None:
+            index = self.indexes.ready(live)
+        if wait:
+            if not self.indexes.is_fresh(live):
+                index = self.indexes.rebuild(live)
+        else:
+            self.indexes.refresh_if_due(live)
+        return index
+
+    # -- the query -----------------------------------------------------------------------------
+
+    def search(self, alias: str, query: str, k: int = 10, mode: Mode = "hybrid", *,
+               rrf_k: int | None = None, weights: Mapping[str, float] | None = None,
+               fresh_index: bool = False) -> SearchResponse:
+        """Answer one query.
+
+        Args:
+            fresh_index: check the BM25 index against the collection and rebuild it before
+                answering (one-shot callers such as the CLI); a server leaves it False and
+                refreshes in the background.
+
+        Raises:
+            InputError: empty or oversized query, k out of range, unknown mode.
+            AliasNotFoundError: the alias is not registered.
+            ModelMismatchError: the live collection's model is not the one loaded here.
+            StoreUnavailableError: Chroma is unreachable and the mode needs it.
+        """
+        started = time.perf_counter()
+        check_query(query, k, mode)
+        alias_record, degraded = self.resolve(alias)
+        live = alias_record.live_collection
+        record = self.collection_record(live)  # cached after the first query: served while Chroma is down
+        depth = max(k, self.settings.search_depth)
+        keyword: list[KeywordHit] = []
+        index: Bm25Index | None = None
+        semantic_ids: list[str] = []
+        semantic_rows: dict[str, tuple[float, str | None, dict]] = {}
+        answered: Mode = mode
+
+        if mode in ("keyword", "hybrid"):
+            index = self.keyword_index(alias_record, wait=fresh_index)
+            keyword = index.query(query, depth)
+        if mode in ("semantic", "hybrid"):
+            try:
+                if degraded:
+                    raise StoreUnavailableError(degraded)
+                model = self.model_for(record)
+                page = self.store.query(live, model.embed_queries([query])[0], depth)
+            except StoreUnavailableError as exc:
+                if mode == "semantic":
+                    raise
+                answered, degraded = "keyword", f"semantic retrieval unavailable ({exc}); answered by BM25 only"
+            else:
+                distances = page.distances if page.distances is not None else []
+                for doc_id, doc, meta, dist in zip(page.ids, page.documents, page.metadatas, distances, strict=True):
+                    semantic_ids.append(doc_id)
+                    semantic_rows[doc_id] = (1.0 - float(dist), doc, meta or {})
+
+        hits = self._assemble(answered, k, keyword, semantic_ids, semantic_rows, index,
+                              rrf_k if rrf_k is not None else self.settings.rrf_k, weights)
+        served = ServedBy(
+            collection=live, model=record.model, fingerprint=record.fingerprint,
+            bm25_index=IndexInfo(collection=index.signature.collection, documents=len(index),
+                                 built_at=index.built_at) if index is not None else None,
+        )
+        return SearchResponse(alias=alias, mode=answered, query=query, served_by=served, degraded=degraded,
+                              results=hits, took_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    def _assemble(self, mode: Mode, k: int, keyword: list[KeywordHit], semantic_ids: list[str],
+                  semantic_rows: dict[str, tuple[float, str | None, dict]], index: Bm25Index | None,
+                  rrf_k: int, weights: Mapping[str, float] | None) -> list[Hit]:
+        keyword_rank = {h.id: h for h in keyword}
+        semantic_rank = {doc_id: i for i, doc_id in enumerate(semantic_ids, start=1)}
+        if mode == "hybrid":
+            fused = reciprocal_rank_fusion({"bm25": [h.id for h in keyword], "semantic": semantic_ids},
+                                           k=rrf_k, weights=weights)
+            ranked = [(f.id, f.score) for f in fused]
+        elif mode == "semantic":
+            ranked = [(doc_id, semantic_rows[doc_id][0]) for doc_id in semantic_ids]
+        else:
+            ranked = [(h.id, h.score) for h in keyword]
+        hits = []
+        for doc_id, score in ranked[:k]:
+            if doc_id in semantic_rows:
+                _, document, metadata = semantic_rows[doc_id]
+            else:  # found by BM25 only: the indexed copy
+                found = index.document(doc_id) if index is not None else None
+                document, metadata = found if found is not None else (None, {})
+            bm25 = keyword_rank.get(doc_id)
+            hits.append(Hit(id=doc_id, score=score, document=document, metadata=user_metadata(metadata),
+                            ranks=Ranks(bm25=bm25.rank if bm25 else None, semantic=semantic_rank.get(doc_id))))
+        return hits
+
+    # -- background upkeep (the HTTP server calls this every INDEX_REFRESH_S) --------------------
+
+    def warm(self) -> dict[str, str]:
+        """Load every alias's index and model, refresh stale indexes, and prepare the target of any
+        migration about to be cut over (its index and model), so the switch costs queries nothing.
+
+        Returns:
+            alias -> error, for the aliases that could not be warmed (reported by /aliases).
+        """
+        from reembed.registry import MigrationState
+
+        problems: dict[str, str] = {}
+        for alias in self.registry.aliases():
+            with self._lock:
+                self._aliases[alias.alias] = alias
+            try:
+                self.keyword_index(alias)
+                self.indexes.refresh(alias.live_collection)
+                self.model_for(self.collection_record(alias.live_collection))
+                latest = self.registry.latest_migration(alias.alias)
+                if latest and latest.kind == "migrate" and latest.state in (MigrationState.VERIFYING,
+                                                                           MigrationState.COMPLETE):
+                    if self.indexes.current(latest.target_collection) is None:
+                        self.indexes.rebuild_in_background(latest.target_collection)
+                    self.model_for(self.collection_record(latest.target_collection))
+            except ReembedError as exc:
+                problems[alias.alias] = str(exc)
+        return problems
+
+    def close(self) -> None:
+        self.indexes.close()

@@ -1,0 +1,163 @@
+"""The HTTP search with the app's real start-up, against real Redis, Chroma, workers and models.
+
+Every answer must say what served it, and that must be the model recorded on the collection it
+names: before, during and after a migration, and after a rollback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from producer import ControlPlane
+from reembed.registry import MigrationState
+from reembed.services import ChromaServer, Workers
+from reembed.settings import Settings
+from search import Searcher
+from search.api import create_app
+from tests.conftest import M2V_MPNET, need
+from tests.integration.conftest import scifact_subset
+
+pytestmark = pytest.mark.integration
+
+# A SciFact claim whose judged abstract (4983) is the first document of the corpus.
+QUERY = "Microstructural development of human newborn cerebral white matter"
+
+
+def ingest(control: ControlPlane, tmp_path: Path, n: int = 200) -> str:
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", n)
+    record = control.ingest("sci", corpus, "all-MiniLM-L6-v2", batch_size=50)
+    assert control.wait(record.id, timeout=600).state == MigrationState.LIVE
+    return control.registry.get_alias("sci").live_collection
+
+
+def test_http_search_modes_limits_and_errors(
+        tmp_path: Path, settings: Settings, chroma: ChromaServer, control: ControlPlane,
+        start_workers: Callable[..., Workers]) -> None:
+    start_workers(2)
+    live = ingest(control, tmp_path)
+    record = control.registry.get_collection(live)
+    with TestClient(create_app(settings)) as client:
+        # Start-up built and loaded the index before the first request.
+        assert client.get("/healthz").json()["indexes"] == {live: 200}
+        answers = {}
+        for mode in ("keyword", "semantic", "hybrid"):
+            response = client.get("/search", params={"alias": "sci", "q": QUERY, "k": 5, "mode": mode})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["mode"] == mode and body["degraded"] is None
+            assert body["served_by"] | {"bm25_index": None} == {
+                "collection": live, "model": "all-MiniLM-L6-v2", "fingerprint": record.fingerprint,
+                "bm25_index": None}
+            assert len(body["results"]) == 5 and body["results"][0]["id"] == "4983"
+            assert body["results"][0]["metadata"] == {"source": "scifact", "position": 0}
+            assert body["results"][0]["document"].startswith("Microstructural development")
+            answers[mode] = body["results"]
+        assert all(h["ranks"]["semantic"] is None for h in answers["keyword"])
+        assert all(h["ranks"]["bm25"] is None for h in answers["semantic"])
+        top = answers["hybrid"][0]
+        assert top["score"] == pytest.approx(1 / (60 + top["ranks"]["bm25"]) + 1 / (60 + top["ranks"]["semantic"]))
+        # POST takes a list of queries
+        batch = client.post("/search", json={"alias": "sci", "q": [QUERY, "vitamin D deficiency"], "k": 3})
+        assert batch.status_code == 200 and len(batch.json()["responses"]) == 2
+        # Limits and errors
+        assert client.get("/search", params={"alias": "sci", "q": ""}).status_code == 422
+        assert client.get("/search", params={"alias": "sci", "q": "x", "k": 0}).status_code == 422
+        assert client.get("/search", params={"alias": "sci", "q": "x", "k": 1001}).status_code == 422
+        assert client.get("/search", params={"alias": "sci", "q": "x" * 10_001}).status_code == 422
+        assert client.get("/search", params={"alias": "sci", "q": "x", "mode": "fuzzy"}).status_code == 422
+        assert client.post("/search", json={"alias": "sci", "q": "   "}).status_code == 422
+        missing = client.get("/search", params={"alias": "nope", "q": "x"})
+        assert missing.status_code == 404 and "nope" in missing.json()["detail"]
+        # /aliases: the live collection, model, count
+        aliases = client.get("/aliases").json()["aliases"]
+        assert [(a["alias"], a["live_collection"], a["model"], a["documents"]) for a in aliases] == \
+            [("sci", live, "all-MiniLM-L6-v2", 200)]
+        # Chroma down: keyword keeps answering, hybrid answers with BM25 and says so, semantic is 503
+        chroma.stop()
+        keyword = client.get("/search", params={"alias": "sci", "q": QUERY, "mode": "keyword"})
+        assert keyword.status_code == 200 and keyword.json()["results"][0]["id"] == "4983"
+        hybrid = client.get("/search", params={"alias": "sci", "q": QUERY}).json()
+        assert hybrid["mode"] == "keyword" and "unavailable" in hybrid["degraded"]
+        semantic = client.get("/search", params={"alias": "sci", "q": QUERY, "mode": "semantic"})
+        assert semantic.status_code == 503 and "Chroma" in semantic.json()["detail"]
+        assert client.get("/aliases").status_code == 503
+        chroma.start()
+        assert client.get("/search", params={"alias": "sci", "q": QUERY}).json()["mode"] == "hybrid"
+
+
+def test_http_api_key_model_mismatch_and_persisted_index(
+        tmp_path: Path, settings: Settings, control: ControlPlane, start_workers: Callable[..., Workers]) -> None:
+    start_workers(1)
+    live = ingest(control, tmp_path, 60)
+    keyed = settings.with_(api_key="s3cret-key")
+    with TestClient(create_app(keyed)) as client:
+        params = {"alias": "sci", "q": QUERY}
+        assert client.get("/search", params=params).status_code == 401
+        wrong = client.get("/search", params=params, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "s3cret" not in wrong.text
+        ok = client.get("/search", params=params, headers={"Authorization": "Bearer s3cret-key"})
+        assert ok.status_code == 200
+        built_at = ok.json()["served_by"]["bm25_index"]["built_at"]
+    # A second start loads the persisted index instead of rebuilding it.
+    with TestClient(create_app(settings)) as client:
+        again = client.get("/search", params={"alias": "sci", "q": QUERY, "mode": "keyword"}).json()
+        assert again["served_by"]["bm25_index"]["built_at"] == built_at
+    # The collection's record names another model's fingerprint: refused with 409, both models named.
+    record = control.registry.get_collection(live)
+    control.registry.put_collection(record.model_copy(update={"fingerprint": "sha256:0000"}))
+    with TestClient(create_app(settings)) as client:
+        refused = client.get("/search", params={"alias": "sci", "q": QUERY, "mode": "semantic"})
+        assert refused.status_code == 409
+        assert "sha256:0000" in refused.json()["detail"] and record.fingerprint in refused.json()["detail"]
+
+
+def test_search_during_migration_never_mixes_models(
+        tmp_path: Path, settings: Settings, control: ControlPlane, start_workers: Callable[..., Workers]) -> None:
+    start_workers(2)
+    source = ingest(control, tmp_path, 300)
+    target_model = str(need(M2V_MPNET))
+    seen: list[dict] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def query_forever(client: TestClient) -> None:
+        while not stop.is_set():
+            response = client.get("/search", params={"alias": "sci", "q": QUERY, "k": 10})
+            if response.status_code != 200:
+                failures.append(response.text)
+            else:
+                seen.append(response.json())
+
+    with TestClient(create_app(settings)) as client:
+        thread = threading.Thread(target=query_forever, args=(client,))
+        thread.start()
+        try:
+            migration = control.migrate("sci", target_model, batch_size=25, cutover="manual")
+            assert control.wait(migration.id, timeout=600).state == MigrationState.COMPLETE
+            during = len(seen)
+            control.cutover("sci")
+            time.sleep(2)
+            after_cutover = len(seen)
+            control.rollback("sci")
+            time.sleep(2)
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert not failures
+    assert during > 0 and after_cutover > during and len(seen) > after_cutover
+    searcher = Searcher(settings)
+    for answer in seen:
+        served = answer["served_by"]
+        record = searcher.collection_record(served["collection"])
+        assert (served["model"], served["fingerprint"]) == (record.model, record.fingerprint)
+        assert answer["mode"] == "hybrid" and answer["results"][0]["id"] == "4983"
+    collections = [a["served_by"]["collection"] for a in seen]
+    assert set(collections[:during]) == {source}
+    assert migration.target_collection in collections[during:after_cutover]
+    assert collections[-1] == source  # rolled back
