@@ -35,6 +35,13 @@ from reembed.store import Store
 log = structlog.get_logger(__name__)
 
 
+#: Batches read, sorted by length and sent together by the scan (see ``length_sorted_batches``).
+SORT_WINDOW_BATCHES = 8
+#: How long one pump task keeps feeding (polling for room every PUMP_POLL_S) before re-sending itself.
+PUMP_FEED_S = 5.0
+PUMP_POLL_S = 0.05
+
+
 def todo_key(migration_id: str) -> str:
     return f"reembed:migration:{migration_id}:todo"
 
@@ -55,51 +62,81 @@ def _docs(ids: list[str], texts: list[str | None], metas: list[dict[str, Any] | 
             if i not in skipped and t is not None and t.strip()]
 
 
+def length_sorted_batches(docs: list[Document], batch_size: int) -> list[list[Document]]:
+    """Cut a window of documents into batches of similar length (ties by id: deterministic).
+
+    Padding is the waste of a transformer batch: a batch pads every text to its longest. With
+    lengths sorted across a window of several batches, each batch pads little.
+    """
+    ordered = sorted(docs, key=lambda d: (len(d.text), d.id))
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
 def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, migration_id: str,
-         max_waiting: int) -> bool:
-    """Send batches until ``max_waiting`` are in flight. Returns True when it should run again."""
+         max_waiting: int, keep_feeding_s: float = PUMP_FEED_S) -> bool:
+    """Send batches while fewer than ``max_waiting`` are in flight, for up to ``keep_feeding_s``
+    seconds (polling for room), so fast workers never wait for the next pump. Returns True when
+    it should run again.
+
+    The scan reads a window of up to ``SORT_WINDOW_BATCHES`` batches, sorts it by length and
+    sends its batches as ``s-OFFSET-J``; the cursor moves past the window only after all of them
+    are sent, so a pump killed mid-window sends the same batches (same ids) again: harmless.
+    """
     progress = Progress(client, migration_id)
-    state = progress.state()
-    if state in (MigrationState.PAUSED.value,):
-        return True
-    if state != MigrationState.RUNNING.value:
-        return False
-    record = registry.get_migration(migration_id)
-    fields = progress.get()
-    if fields.get("enqueue_complete") == "1":
-        return False
+    deadline = time.monotonic() + keep_feeding_s
+    record = None
+    while True:
+        state = progress.state()
+        if state == MigrationState.PAUSED.value:
+            return True
+        if state != MigrationState.RUNNING.value:
+            return False
+        record = record or registry.get_migration(migration_id)
+        fields = progress.get()
+        if fields.get("enqueue_complete") == "1":
+            return False
+        room = max_waiting - (int(fields.get("enqueued_batches", 0)) - progress.batches_done())
+        if room > 0:
+            if _feed(app, store, client, progress, record, fields, room):
+                return False
+            continue
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(PUMP_POLL_S)
+
+
+def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, record: MigrationRecord,
+          fields: dict[str, str], room: int) -> bool:
+    """Send up to ``room`` batches. Returns True when everything has been enqueued."""
     phase = fields.get("phase", "scan")
     cursor = int(fields.get("cursor", 0))
     sent = int(fields.get("enqueued_batches", 0))
     skipped = progress.skipped_ids()
-    bound_log = log.bind(migration_id=migration_id, alias=record.alias)
-    while sent - progress.batches_done() < max_waiting:
-        if phase == "scan":
-            assert record.source_collection is not None
-            page = store.page(record.source_collection, cursor, record.batch_size)
-            if not page.ids:
-                break
-            send_batch(app, migration_id, f"s-{cursor}", _docs(page.ids, page.documents, page.metadatas, skipped))
-            cursor += len(page.ids)
-        else:
-            with redis_errors("reading the catch-up list"):
-                ids = list(client.lrange(todo_key(migration_id), cursor, cursor + record.batch_size - 1))
-            if not ids:
-                break
-            assert record.source_collection is not None
-            found = store.get(record.source_collection, ids)
-            send_batch(app, migration_id, f"r{fields.get('round', 0)}-{cursor}",
-                       _docs(found.ids, found.documents, found.metadatas, skipped))
-            cursor += len(ids)
-        sent += 1
-        progress.set(cursor=cursor, enqueued_batches=sent)
+    assert record.source_collection is not None
+    if phase == "scan":
+        window = min(room, SORT_WINDOW_BATCHES) * record.batch_size
+        page = store.page(record.source_collection, cursor, window)
+        if page.ids:
+            docs = _docs(page.ids, page.documents, page.metadatas, skipped)
+            batches = length_sorted_batches(docs, record.batch_size) if docs else [[]]
+            for j, batch in enumerate(batches):
+                send_batch(app, record.id, f"s-{cursor}-{j}", batch)
+            progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(batches))
+            return False
     else:
-        return True
+        with redis_errors("reading the catch-up list"):
+            ids = list(client.lrange(todo_key(record.id), cursor, cursor + record.batch_size - 1))
+        if ids:
+            found = store.get(record.source_collection, ids)
+            send_batch(app, record.id, f"r{fields.get('round', 0)}-{cursor}",
+                       _docs(found.ids, found.documents, found.metadatas, skipped))
+            progress.set(cursor=cursor + len(ids), enqueued_batches=sent + 1)
+            return False
     progress.set(total_batches=sent, enqueue_complete=1)
-    bound_log.info("enqueueing finished", phase=phase, batches=sent)
+    log.info("enqueueing finished", migration_id=record.id, alias=record.alias, phase=phase, batches=sent)
     if progress.claim_finalize_if_done():
-        app.send_task(TASK_FINALIZE, kwargs={"migration_id": migration_id})
-    return False
+        app.send_task(TASK_FINALIZE, kwargs={"migration_id": record.id})
+    return True
 
 
 def diff(store: Store, record: MigrationRecord, exclude: set[str]) -> dict[str, Any]:

@@ -164,6 +164,20 @@ class Progress:
         with redis_errors("counting a delivery"):
             return int(self.r.hincrby(deliveries_key(self.id), batch_id, 1))
 
+    def add_timings(self, seconds: dict[str, float]) -> None:
+        """Accumulate where a batch's time went (``t_embed``, ``t_write``...): status and benches read them."""
+        with redis_errors("recording batch timings"):
+            pipe = self.r.pipeline(transaction=False)
+            for name, value in seconds.items():
+                pipe.hincrbyfloat(self.key, f"t_{name}", round(value, 6))
+            pipe.hincrby(self.key, "t_batches", 1)
+            pipe.execute()
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase summed over batches, and ``batches`` timed."""
+        fields = self.get()
+        return {k[2:]: float(v) for k, v in fields.items() if k.startswith("t_")}
+
     def record_failures(self, reasons: dict[str, str]) -> None:
         if reasons:
             with redis_errors("recording failed documents"):

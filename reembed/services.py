@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from reembed.errors import ConfigError, StoreUnavailableError
+from reembed.queue import QUEUE_BATCHES, QUEUE_CONTROL
 from reembed.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -121,7 +122,7 @@ class Workers:
     """`celery -A worker.app worker` as a child process, for the embedded defaults and tests."""
 
     def __init__(self, settings: Settings, concurrency: int = 1, name: str | None = None,
-                 queues: str = "reembed.batches,reembed.control") -> None:
+                 queues: str = f"{QUEUE_BATCHES},{QUEUE_CONTROL}") -> None:
         self.settings = settings
         self.concurrency = concurrency
         self.name = name or f"reembed-{os.getpid()}-{free_port()}@%h"
@@ -164,6 +165,7 @@ class LocalStack:
         self._redis: EmbeddedRedis | None = None
         self._chroma: ChromaServer | None = None
         self.workers: Workers | None = None
+        self.control: Workers | None = None
 
     @property
     def embedded(self) -> bool:
@@ -186,15 +188,19 @@ class LocalStack:
         return self
 
     def start_workers(self, concurrency: int) -> Workers:
+        """``concurrency`` embedding processes on the batch queue, and one control process (pump,
+        finalize) of its own, so feeding and finishing never wait behind a batch."""
         if self.workers is None:
             logfile = self.base.data_dir / "worker.log"
-            self.workers = Workers(self.settings, concurrency).start(logfile)
+            self.control = Workers(self.settings, 1, queues=QUEUE_CONTROL).start(logfile)
+            self.workers = Workers(self.settings, concurrency, queues=QUEUE_BATCHES).start(logfile)
         return self.workers
 
     def close(self) -> None:
-        if self.workers:
-            self.workers.stop()
-            self.workers = None
+        for started in (self.workers, self.control):
+            if started:
+                started.stop()
+        self.workers = self.control = None
         if self._chroma:
             self._chroma.stop()
             self._chroma = None

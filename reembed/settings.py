@@ -47,10 +47,13 @@ FIELDS: tuple[Field, ...] = (
           "caches live."),
     Field("DEVICE", "auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N."),
     Field("BATCH_SIZE", str(DEFAULT_BATCH_SIZE), f"Documents per batch (1..{MAX_BATCH_SIZE})."),
+    Field("EMBED_BATCH_SIZE", "0", "Texts per forward pass; 0 picks by device (cpu 32, cuda 256)."),
     Field("MAX_WAITING_BATCHES", str(DEFAULT_MAX_WAITING_BATCHES),
           "Batches of one migration allowed to wait in Redis (backpressure)."),
     Field("VISIBILITY_TIMEOUT_S", str(DEFAULT_VISIBILITY_TIMEOUT_S),
           "Seconds before a batch held by a vanished worker is delivered again."),
+    Field("PRELOAD_MODEL", "", "A model each worker process loads at start-up (and logs with its "
+          "fingerprint, device and batch size), so the first batch does not wait for it."),
     Field("TORCH_THREADS", "1", "Torch threads per worker process; one per process scales best "
           "on a shared CPU (models.md)."),
     Field("SEARCH_DEPTH", "100", "Candidates each retriever returns before fusion (at least k)."),
@@ -71,8 +74,10 @@ class Settings:
     data_dir: Path
     device: str
     batch_size: int
+    embed_batch_size: int
     max_waiting_batches: int
     visibility_timeout_s: int
+    preload_model: str
     torch_threads: int
     search_depth: int
     rrf_k: int
@@ -103,8 +108,10 @@ class Settings:
             data_dir=Path(raw["DATA_DIR"]).expanduser().resolve(),
             device=device,
             batch_size=_int(raw, "BATCH_SIZE", 1, MAX_BATCH_SIZE),
+            embed_batch_size=_int(raw, "EMBED_BATCH_SIZE", 0, 4096),
             max_waiting_batches=_int(raw, "MAX_WAITING_BATCHES", 1, 10_000),
             visibility_timeout_s=_int(raw, "VISIBILITY_TIMEOUT_S", 10, 7 * 24 * 3600),
+            preload_model=raw["PRELOAD_MODEL"].strip(),
             torch_threads=_int(raw, "TORCH_THREADS", 1, 256),
             search_depth=_int(raw, "SEARCH_DEPTH", 1, 1000),
             rrf_k=_int(raw, "RRF_K", 0, 10_000),
@@ -126,8 +133,10 @@ class Settings:
             PREFIX + "DATA_DIR": str(self.data_dir),
             PREFIX + "DEVICE": self.device,
             PREFIX + "BATCH_SIZE": str(self.batch_size),
+            PREFIX + "EMBED_BATCH_SIZE": str(self.embed_batch_size),
             PREFIX + "MAX_WAITING_BATCHES": str(self.max_waiting_batches),
             PREFIX + "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
+            PREFIX + "PRELOAD_MODEL": self.preload_model,
             PREFIX + "TORCH_THREADS": str(self.torch_threads),
             PREFIX + "SEARCH_DEPTH": str(self.search_depth),
             PREFIX + "RRF_K": str(self.rrf_k),

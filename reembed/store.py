@@ -154,6 +154,14 @@ class Store:
         with mapped_errors(f"upserting {len(ids)} documents into {name!r}"):
             self.collection(name).upsert(ids=ids, embeddings=embeddings, documents=documents, metadatas=metadatas)
 
+    def add(self, name: str, ids: list[str], embeddings: np.ndarray, documents: list[str],
+            metadatas: list[dict[str, Any]]) -> None:
+        """First write of new documents: several times faster than ``upsert``. Chroma keeps (and
+        silently skips) ids that already exist, so a repeated add never duplicates; it never
+        updates either, which is why redeliveries and catch-up use :meth:`upsert`."""
+        with mapped_errors(f"adding {len(ids)} documents to {name!r}"):
+            self.collection(name).add(ids=ids, embeddings=embeddings, documents=documents, metadatas=metadatas)
+
     def delete_ids(self, name: str, ids: list[str]) -> None:
         with mapped_errors(f"deleting {len(ids)} documents from {name!r}"):
             self.collection(name).delete(ids=ids)

@@ -97,7 +97,7 @@ class Searcher:
                 built the collection.
         """
         model = load_model(resolve_model(record.model), self.settings.data_dir, self.settings.device,
-                           self.settings.torch_threads)
+                           self.settings.torch_threads, self.settings.embed_batch_size)
         if model.fingerprint != record.fingerprint:
             raise ModelMismatchError(
                 f"collection {record.name!r} was embedded with {record.model} ({record.fingerprint}); the model "

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init, worker_ready
+from celery.signals import celeryd_after_setup, setup_logging, worker_process_init, worker_ready
 
 from reembed.logs import configure_logging
-from reembed.queue import celery_config
+from reembed.queue import QUEUE_CONTROL, celery_config
 from reembed.settings import Settings
 
 settings = Settings.from_env()
@@ -25,12 +25,33 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(settings)
 
 
+#: True in a worker that consumes only the control queue (set before the pool forks). Only
+#: there may a pump task hold its process while it waits for room to feed more batches.
+control_only = False
+
+
+@celeryd_after_setup.connect
+def _note_queues(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    global control_only
+    queues = set(instance.app.amqp.queues.consume_from or ()) if instance is not None else set()
+    control_only = queues == {QUEUE_CONTROL}
+
+
 @worker_process_init.connect
 def _limit_threads(**_: Any) -> None:
     """One torch thread per pool process unless told otherwise (models.md: two are far worse on a busy CPU)."""
     import torch
 
     torch.set_num_threads(settings.torch_threads)
+    if settings.preload_model and not control_only:
+        from worker import context
+
+        model = context.model(settings.preload_model)
+        import structlog
+
+        structlog.get_logger(__name__).info(
+            "model loaded", model=model.spec.name, fingerprint=model.fingerprint, device=model.device,
+            embed_batch_size=model.batch_size, dimension=model.dimension, torch_threads=settings.torch_threads)
 
 
 @worker_ready.connect

@@ -36,7 +36,7 @@ def redis_conn() -> redis.Redis:
 def model(name: str) -> LoadedModel:
     """The model, loaded once per process (``load_model`` caches)."""
     s = settings()
-    return load_model(resolve_model(name), s.data_dir, s.device, s.torch_threads)
+    return load_model(resolve_model(name), s.data_dir, s.device, s.torch_threads, s.embed_batch_size)
 
 
 def reset() -> None:

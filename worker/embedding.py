@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +23,16 @@ import structlog
 from reembed.documents import content_hash, user_metadata
 from reembed.errors import CollectionNotFoundError, ModelMismatchError, RetryableError
 from reembed.models import LoadedModel
-from reembed.progress import MAX_DELIVERIES, Progress
+from reembed.progress import MAX_DELIVERIES, Progress, redis_errors
 from reembed.registry import MigrationRecord, MigrationState, Registry
 from reembed.store import Store
 
 log = structlog.get_logger(__name__)
+
+
+#: Batch id prefixes of a first pass (``s-`` scan of a source collection, ``f-`` corpus file):
+#: their first delivery writes with ``add``.
+FIRST_PASS_PREFIXES = ("s-", "f-")
 
 
 class PausedError(RetryableError):
@@ -80,10 +87,19 @@ def provenance(model: LoadedModel, text: str, metadata: dict[str, Any] | None) -
     }
 
 
+#: Per process: the migration records seen (their model and target never change) and the
+#: migrations whose probe vector this process already checked. Keeps Chroma off the per-batch path.
+_records: dict[str, MigrationRecord] = {}
+_probe_checked: set[str] = set()
+
+
 def migration_state(progress: Progress, registry: Registry, migration_id: str) -> tuple[str, MigrationRecord]:
     """The state from Redis (fast path), falling back to the durable record."""
-    record = registry.get_migration(migration_id)
-    return progress.state() or record.state.value, record
+    state = progress.state()
+    record = _records.get(migration_id)
+    if record is None or state is None:
+        record = _records[migration_id] = registry.get_migration(migration_id)
+    return state or record.state.value, record
 
 
 def reembed_batch(
@@ -106,6 +122,7 @@ def reembed_batch(
         RetryableError: Chroma or Redis is unreachable.
         ModelMismatchError: this worker's model is not the one the migration records.
     """
+    started = time.perf_counter()
     progress = Progress(client, migration_id)
     outcome = BatchOutcome(batch_id)
     state, record = migration_state(progress, registry, migration_id)
@@ -114,7 +131,9 @@ def reembed_batch(
     if state not in (MigrationState.RUNNING.value, MigrationState.VERIFYING.value):
         outcome.dropped = f"migration is {state}"
         return outcome
-    if first_delivery and progress.count_delivery(batch_id) > MAX_DELIVERIES:
+    # Counted on each delivery from the queue (not on Celery retries of the same delivery).
+    deliveries = progress.count_delivery(batch_id) if first_delivery else 0
+    if deliveries > MAX_DELIVERIES:
         reason = f"batch {batch_id} was delivered {MAX_DELIVERIES} times without finishing (worker lost each time)"
         outcome.failed = dict.fromkeys(ids, reason)
         progress.record_failures(outcome.failed)
@@ -127,29 +146,76 @@ def reembed_batch(
             f"this worker's {record.to_model!r} has fingerprint {model.fingerprint}, migration {migration_id} "
             f"records {record.to_fingerprint}; install the same weights on every worker"
         )
-    probe = json.dumps([round(float(x), 6) for x in model.probe])
-    progress.r.hsetnx(progress.key, "probe", probe)
-    progress.r.hsetnx(progress.key, "dimension", model.dimension)
-    model.check_probe(json.loads(progress.get().get("probe", probe)), f"migration {migration_id}")
+    if migration_id not in _probe_checked:  # every worker of a migration must embed the probe alike
+        probe = json.dumps([round(float(x), 6) for x in model.probe])
+        with redis_errors("recording the migration's probe vector"):
+            progress.r.hsetnx(progress.key, "probe", probe)
+            progress.r.hsetnx(progress.key, "dimension", model.dimension)
+            recorded = progress.r.hget(progress.key, "probe") or probe
+        model.check_probe(json.loads(recorded), f"migration {migration_id}")
+        _probe_checked.add(migration_id)
 
-    ok, vectors, failed = embed_isolating(model.embed_documents, ids, documents)
-    if ok and vectors is not None:
-        try:
-            store.upsert(
-                record.target_collection,
-                ids=[ids[i] for i in ok],
-                embeddings=vectors,
-                documents=[documents[i] for i in ok],
-                metadatas=[provenance(model, documents[i], metadatas[i]) for i in ok],
-            )
-        except CollectionNotFoundError:
-            state, _ = migration_state(progress, registry, migration_id)
-            if state == MigrationState.CANCELLED.value:
-                outcome.dropped = "migration was cancelled"
-                return outcome
-            raise
-    outcome.written = len(ok)
+    # First delivery of a first-pass batch (scan or file): the target has none of these ids, and
+    # `add` is several times faster than `upsert`. A redelivery or a catch-up round upserts.
+    write = store.add if (deliveries == 1 and batch_id[:2] in FIRST_PASS_PREFIXES) else store.upsert
+    book = time.perf_counter() - started
+    try:
+        written, failed, timings = embed_and_write(model, record.target_collection, ids, documents, metadatas, write)
+    except CollectionNotFoundError:
+        state, _ = migration_state(progress, registry, migration_id)
+        if state == MigrationState.CANCELLED.value:
+            outcome.dropped = "migration was cancelled"
+            return outcome
+        raise
+    tail = time.perf_counter()
+    outcome.written = written
     outcome.failed = failed
     progress.record_failures(failed)
-    outcome.finished_migration = progress.record_batch(batch_id, len(ok))
+    outcome.finished_migration = progress.record_batch(batch_id, written)
+    progress.add_timings({**timings, "bookkeeping": book + time.perf_counter() - tail})
     return outcome
+
+
+def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documents: list[str],
+                    metadatas: list[dict[str, Any]], write: Callable[..., None],
+                    ) -> tuple[int, dict[str, str], dict[str, float]]:
+    """Embed a batch chunk by chunk while the previous chunk is written: the model and Chroma
+    work at the same time. At most one write is in flight, so memory stays one chunk deep.
+
+    Returns:
+        (documents written, {id: reason} of failures, seconds spent embedding / writing / waiting).
+    """
+    chunk = max(model.batch_size, 1)
+    written = 0
+    failed: dict[str, str] = {}
+    timings = {"embed": 0.0, "write": 0.0, "write_wait": 0.0}
+
+    def timed_write(**kwargs: Any) -> None:
+        start = time.perf_counter()
+        write(collection, **kwargs)
+        timings["write"] += time.perf_counter() - start
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chroma-write") as writer:
+        pending: Future[None] | None = None
+        for begin in range(0, len(ids), chunk):
+            part_ids, part_docs = ids[begin:begin + chunk], documents[begin:begin + chunk]
+            start = time.perf_counter()
+            ok, vectors, part_failed = embed_isolating(model.embed_documents, part_ids, part_docs)
+            timings["embed"] += time.perf_counter() - start
+            failed.update(part_failed)
+            start = time.perf_counter()
+            if pending is not None:
+                pending.result()  # raises the write's error (RetryableError: the task retries)
+            timings["write_wait"] += time.perf_counter() - start
+            pending = None
+            if ok and vectors is not None:
+                pending = writer.submit(
+                    timed_write, ids=[part_ids[i] for i in ok], embeddings=vectors,
+                    documents=[part_docs[i] for i in ok],
+                    metadatas=[provenance(model, part_docs[i], metadatas[begin + i]) for i in ok])
+                written += len(ok)
+        start = time.perf_counter()
+        if pending is not None:
+            pending.result()
+        timings["write_wait"] += time.perf_counter() - start
+    return written, failed, timings

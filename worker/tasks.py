@@ -16,6 +16,7 @@ from reembed.errors import RetryableError
 from reembed.queue import TASK_BATCH, TASK_CHECK_VECTORS, TASK_FINALIZE, TASK_MIGRATE, TASK_PUMP
 from reembed.store import Store
 from worker import context
+from worker import app as worker_app
 from worker.app import app
 from worker.embedding import PausedError, reembed_batch
 
@@ -61,7 +62,8 @@ def pump_task(self: Task, migration_id: str) -> None:
     """Feed a migration's batches under backpressure, then re-send itself until all are sent."""
     try:
         again = pipeline.pump(app, context.store(), context.registry(), context.redis_conn(), migration_id,
-                              context.settings().max_waiting_batches)
+                              context.settings().max_waiting_batches,
+                              keep_feeding_s=pipeline.PUMP_FEED_S if worker_app.control_only else 0.0)
     except RetryableError as exc:
         log.warning("pump will be retried", migration_id=migration_id, error=str(exc))
         context.reset()

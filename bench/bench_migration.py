@@ -1,0 +1,314 @@
+"""Migration throughput: reembed against the model-bound limit and the naive recipe, in one run.
+
+Three figures on the same documents, same device, same run:
+
+- **limit**: ``SentenceTransformer.encode`` alone (best batch size of a few tried, all CPU cores);
+- **naive**: the guide's recipe: read every document, create a collection with Chroma's
+  ``SentenceTransformerEmbeddingFunction`` and ``add`` them back (downtime: no search meanwhile);
+- **reembed**: ``migrate`` to ``complete`` (verified by diffing source and target) with 1 and with
+  2 worker processes (plus the control process), while a thread keeps searching the alias.
+
+Also: where a batch's time goes (embed, Chroma write, waiting on the write, bookkeeping), peak
+memory of a worker process and of Redis, and how rate and memory grow from 1,000 to 100,000
+documents with a fast (static) model.
+
+Run: ``.venv/bin/python bench/bench_migration.py`` (about 15 minutes on 2 CPU cores). On a GPU:
+``--device cuda --docs 20000 --models DIR1,DIR2``. Writes a section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil  # noqa: E402
+
+from bench.common import ROOT, SHARED, machine, percentile, recombined_corpus, write_section  # noqa: E402
+from producer import ControlPlane  # noqa: E402
+from reembed.models import model_dir, pick_device, resolve_model  # noqa: E402
+from reembed.progress import Progress  # noqa: E402
+from reembed.queue import QUEUE_BATCHES, QUEUE_CONTROL  # noqa: E402
+from reembed.registry import MigrationState  # noqa: E402
+from reembed.services import LocalStack, Workers  # noqa: E402
+from reembed.settings import Settings  # noqa: E402
+from search import Searcher  # noqa: E402
+
+STATIC_A = SHARED / "models" / "m2v-mpnet-256"
+STATIC_B = SHARED / "models" / "m2v-minilm-256"
+WORK = ROOT / ".reembed" / "bench-migration"
+
+
+def peak_rss_mb(workers: Workers) -> float:
+    """Largest peak resident set (VmHWM) among a worker's pool processes."""
+    assert workers.process is not None
+    peaks = []
+    for child in psutil.Process(workers.process.pid).children(recursive=True):
+        try:
+            with open(f"/proc/{child.pid}/status") as handle:
+                peaks += [int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM")]
+        except OSError:
+            continue
+    return max(peaks, default=0.0)
+
+
+def start_embedders(settings: Settings, count: int, model: str, log: Path) -> Workers:
+    """``count`` embedding processes with ``model`` preloaded; returns once every one has it."""
+    log.unlink(missing_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // count) if pick_device(settings.device) == "cpu" else 1
+    s = settings.with_(preload_model=model, torch_threads=threads)
+    workers = Workers(s, count, queues=QUEUE_BATCHES).start(log)
+    deadline = time.monotonic() + 900
+    while log.read_text(errors="replace").count('"model loaded"') < count if log.exists() else True:
+        if time.monotonic() > deadline or (workers.process and workers.process.poll() is not None):
+            raise SystemExit(f"workers did not load {model}; see {log}")
+        time.sleep(0.5)
+    return workers
+
+
+def encode_limit(model_name: str, texts: list[str], device: str) -> dict[str, Any]:
+    """The model alone: the best of a few batch sizes on a sample, then every text with it."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    spec = resolve_model(model_name)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = SentenceTransformer(str(model_dir(spec, WORK)), device=device)
+    if device.startswith("cuda"):
+        model.half()
+    sample = texts[: min(len(texts), 1024)]
+    candidates = (128, 256, 512) if device.startswith("cuda") else (16, 32, 64)
+    rates = {}
+    for size in candidates:
+        model.encode(sample[:size], batch_size=size)  # warm-up
+        start = time.perf_counter()
+        model.encode(sample, batch_size=size, normalize_embeddings=True)
+        rates[size] = len(sample) / (time.perf_counter() - start)
+    best = max(rates, key=lambda k: rates[k])
+    start = time.perf_counter()
+    model.encode(texts, batch_size=best, normalize_embeddings=True)
+    _sync(device)
+    rate = len(texts) / (time.perf_counter() - start)
+    del model
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"docs_per_s": rate, "batch_size": best, "sample_rates": rates}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def naive(settings: Settings, source: str, model_name: str, device: str) -> dict[str, Any]:
+    """Read everything, re-create with Chroma's own embedding function, add back. Search is down meanwhile."""
+    import chromadb
+    from chromadb.utils.embedding_functions import SentenceTransformerEmbeddingFunction
+
+    port = int(settings.chroma_url.rsplit(":", 1)[1])
+    client = chromadb.HttpClient(host="127.0.0.1", port=port)
+    ef = SentenceTransformerEmbeddingFunction(model_name=str(model_dir(resolve_model(model_name), WORK)),
+                                              device=device, normalize_embeddings=True)
+    ef(["warm up"])
+    start = time.perf_counter()
+    col = client.get_collection(source)
+    ids, docs, metas = [], [], []
+    offset = 0
+    while True:
+        page = col.get(offset=offset, limit=1000, include=["documents", "metadatas"])
+        if not page["ids"]:
+            break
+        ids += page["ids"]
+        docs += page["documents"]
+        metas += page["metadatas"]
+        offset += len(page["ids"])
+    new = client.create_collection("naive-target", embedding_function=ef)  # type: ignore[arg-type]
+    step = min(client.get_max_batch_size(), 1000)
+    for i in range(0, len(ids), step):
+        new.add(ids=ids[i:i + step], documents=docs[i:i + step], metadatas=metas[i:i + step])
+    elapsed = time.perf_counter() - start
+    count = new.count()
+    client.delete_collection("naive-target")
+    return {"docs_per_s": len(ids) / elapsed, "seconds": elapsed, "documents": count}
+
+
+class SearchLoad:
+    """Queries the alias once every 0.2 s in a thread; counts answers and failures."""
+
+    def __init__(self, settings: Settings, alias: str, mode: str) -> None:
+        self.searcher = Searcher(settings)
+        self.alias, self.mode = alias, mode
+        self.ok, self.failed, self.latency_ms = 0, [], []  # type: ignore[var-annotated]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            start = time.perf_counter()
+            try:
+                self.searcher.search(self.alias, "effects of vitamin D on bone density", 10, self.mode)  # type: ignore[arg-type]
+                self.ok += 1
+                self.latency_ms.append((time.perf_counter() - start) * 1000)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                self.failed.append(str(exc))
+
+    def __enter__(self) -> SearchLoad:
+        self.searcher.search(self.alias, "warm up", 10, self.mode)  # type: ignore[arg-type]
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        self.searcher.close()
+
+
+def migrate_timed(control: ControlPlane, alias: str, model: str, batch_size: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    record = control.migrate(alias, model, batch_size=batch_size, cutover="manual")
+    final = control.wait(record.id, timeout=6 * 3600)
+    elapsed = time.perf_counter() - start
+    if final.state != MigrationState.COMPLETE:
+        raise SystemExit(f"migration ended {final.state.value}: {final.error}")
+    timings = Progress(control.redis, record.id).timings()
+    batches = max(timings.pop("batches", 1), 1)
+    info = control.redis.info("memory")
+    result = {"docs_per_s": final.done / elapsed, "seconds": elapsed, "documents": final.done,
+              "failed": final.failed, "per_batch_ms": {k: 1000 * v / batches for k, v in timings.items()},
+              "batches": int(batches), "redis_peak_mb": int(info["used_memory_peak"]) / 2**20}
+    control.cancel(record.id)  # drop the target: the next run starts from the same source
+    return result
+
+
+def run_reembed(local: LocalStack, control: ControlPlane, alias: str, model: str, workers: int,
+                batch_size: int, mode: str) -> dict[str, Any]:
+    log = local.settings.data_dir / f"embed-{workers}.log"
+    embedders = start_embedders(local.settings, workers, model, log)
+    try:
+        with SearchLoad(local.settings, alias, mode) as load:
+            result = migrate_timed(control, alias, model, batch_size)
+        result["worker_peak_rss_mb"] = peak_rss_mb(embedders)
+        result["searches"] = {"ok": load.ok, "failed": len(load.failed), "p50_ms": percentile(load.latency_ms, 50),
+                              "first_error": load.failed[0] if load.failed else None}
+    finally:
+        embedders.stop()
+    return result
+
+
+def ingest_source(control: ControlPlane, local: LocalStack, alias: str, corpus: Path, model: str) -> None:
+    embedders = start_embedders(local.settings, 2, model, local.settings.data_dir / f"ingest-{alias}.log")
+    try:
+        record = control.ingest(alias, corpus, model, batch_size=256)
+        final = control.wait(record.id, timeout=6 * 3600)
+        if final.state != MigrationState.LIVE:
+            raise SystemExit(f"ingest of {alias} ended {final.state.value}: {final.error}")
+    finally:
+        embedders.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="all-MiniLM-L6-v2", help="target models, comma-separated")
+    parser.add_argument("--docs", type=int, default=2000)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=0, help="documents per queued batch (0: 64 cpu, 512 gpu)")
+    parser.add_argument("--scale", default="1000,10000,100000", help="corpus sizes for the static-model runs ('' skips)")
+    parser.add_argument("--section", default="", help="suffix of the BENCHMARKS.md section (e.g. the GPU)")
+    parser.add_argument("--json-out", default="", help="also write the raw figures here")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    batch_size = args.batch_size or (512 if device.startswith("cuda") else 64)
+    work = WORK
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    settings = Settings.from_env().with_(data_dir=work, redis_url="", chroma_url="", device=device,
+                                         max_waiting_batches=32)
+    corpus = recombined_corpus(work / "corpus.jsonl", args.docs)
+    texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
+    results: dict[str, Any] = {"machine": machine(), "device": device, "docs": args.docs, "batch_size": batch_size,
+                               "models": {}, "scale": {}}
+    with LocalStack(settings) as local:
+        control = ControlPlane(local.settings)
+        local.control = Workers(local.settings, 1, queues=QUEUE_CONTROL).start(work / "control.log")
+        ingest_source(control, local, "src", corpus, str(STATIC_A))
+        for name in args.models.split(","):
+            row: dict[str, Any] = {"limit": encode_limit(name, texts, device)}
+            print(name, "limit", row["limit"], flush=True)
+            row["naive"] = naive(local.settings, control.registry.get_alias("src").live_collection, name, device)
+            print(name, "naive", row["naive"], flush=True)
+            for count in (int(w) for w in args.workers.split(",")):
+                row[f"reembed_{count}"] = run_reembed(local, control, "src", name, count, batch_size, "hybrid")
+                print(name, count, "workers", row[f"reembed_{count}"], flush=True)
+            results["models"][name] = row
+        for size in (int(s) for s in args.scale.split(",") if s):
+            alias = f"scale{size}"
+            ingest_source(control, local, alias, recombined_corpus(work / f"{alias}.jsonl", size), str(STATIC_A))
+            results["scale"][size] = run_reembed(local, control, alias, str(STATIC_B), 2, 512, "keyword")
+            print("scale", size, results["scale"][size], flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
+    report(results, args.section)
+
+
+def _name(model: str) -> str:
+    return Path(model).name if "/" in model else model
+
+
+def report(results: dict[str, Any], section: str) -> None:
+    lines = [
+        f"Device: {results['device']}. {results['docs']:,} documents (SciFact, then SciFact sentences recombined), "
+        f"queued in batches of {results['batch_size']}; source collection embedded with a static model; "
+        "reembed figures are `migrate` → `complete` (verified by a full diff), model preloaded in each worker, "
+        "while a thread searched the alias every 0.2 s. Limit = `SentenceTransformer.encode` alone on all cores "
+        "(best batch size). Naive = read all + Chroma's `SentenceTransformerEmbeddingFunction` + `add` (search down).",
+        "",
+        "| model | limit docs/s | naive docs/s | reembed 1 worker | reembed 2 workers | 1w ÷ limit | 2w ÷ limit "
+        "| 2w ÷ naive | 2w ÷ 1w | searches ok / failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, row in results["models"].items():
+        lim, nai = row["limit"]["docs_per_s"], row["naive"]["docs_per_s"]
+        one, two = row.get("reembed_1", {}), row.get("reembed_2", {})
+        r1, r2 = one.get("docs_per_s", float("nan")), two.get("docs_per_s", float("nan"))
+        searches = " · ".join(f"{r['searches']['ok']} / {r['searches']['failed']}" for r in (one, two) if r)
+        lines.append(f"| {_name(model)} | {lim:.1f} (batch {row['limit']['batch_size']}) | {nai:.1f} | {r1:.1f} | "
+                     f"{r2:.1f} | {r1 / lim:.2f} | {r2 / lim:.2f} | {r2 / nai:.2f} | {r2 / r1:.2f} | {searches} |")
+    lines += ["", "Where a batch's time goes (ms per batch, summed over the batch's chunks; writes overlap the "
+              "next chunk's embedding, so *write wait* is the part of the write that was not hidden):", "",
+              "| model | workers | embed | Chroma write | write wait | bookkeeping | worker peak RSS MB | Redis peak MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for model, row in results["models"].items():
+        for key in sorted(k for k in row if k.startswith("reembed_")):
+            r, t = row[key], row[key]["per_batch_ms"]
+            lines.append(f"| {_name(model)} | {key.split('_')[1]} | {t.get('embed', 0):.0f} | {t.get('write', 0):.0f} | "
+                         f"{t.get('write_wait', 0):.0f} | {t.get('bookkeeping', 0):.1f} | {r['worker_peak_rss_mb']:.0f} "
+                         f"| {r['redis_peak_mb']:.1f} |")
+    if results["scale"]:
+        lines += ["", "Growth with corpus size (static model m2v-mpnet-256 → m2v-minilm-256, 2 workers, batches "
+                  "of 512):", "", "| documents | docs/s | worker peak RSS MB | Redis peak MB | searches ok / failed |",
+                  "|---|---|---|---|---|"]
+        for size, r in results["scale"].items():
+            lines.append(f"| {int(size):,} | {r['docs_per_s']:.0f} | {r['worker_peak_rss_mb']:.0f} | "
+                         f"{r['redis_peak_mb']:.1f} | {r['searches']['ok']} / {r['searches']['failed']} |")
+    title = "Migration throughput (bench/bench_migration.py)" + (f" — {section}" if section else "")
+    write_section(title, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
