@@ -290,12 +290,13 @@ def report(results: dict[str, Any], section: str) -> None:
                      f"{r2:.1f} | {r1 / lim:.2f} | {r2 / lim:.2f} | {r2 / nai:.2f} | {r2 / r1:.2f} | {searches} |")
     lines += ["", "Where a batch's time goes (ms per batch, summed over the batch's chunks; writes overlap the "
               "next chunk's embedding, so *write wait* is the part of the write that was not hidden):", "",
-              "| model | workers | embed | Chroma write | write wait | bookkeeping | worker peak RSS MB | Redis peak MB |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | workers | fetch (pump) | embed | Chroma write | write wait | bookkeeping | worker peak RSS MB "
+              "| Redis peak MB |", "|---|---|---|---|---|---|---|---|---|"]
     for model, row in results["models"].items():
         for key in sorted(k for k in row if k.startswith("reembed_")):
             r, t = row[key], row[key]["per_batch_ms"]
-            lines.append(f"| {_name(model)} | {key.split('_')[1]} | {t.get('embed', 0):.0f} | {t.get('write', 0):.0f} | "
+            fetch = f"{t['fetch']:.0f}" if "fetch" in t else "-"
+            lines.append(f"| {_name(model)} | {key.split('_')[1]} | {fetch} | {t.get('embed', 0):.0f} | {t.get('write', 0):.0f} | "
                          f"{t.get('write_wait', 0):.0f} | {t.get('bookkeeping', 0):.1f} | {r['worker_peak_rss_mb']:.0f} "
                          f"| {r['redis_peak_mb']:.1f} |")
     if results["scale"]:

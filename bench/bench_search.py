@@ -34,6 +34,7 @@ import uvicorn  # noqa: E402
 
 from bench.common import ROOT, SCIFACT, percentile, recombined_corpus, write_section  # noqa: E402
 from producer import ControlPlane  # noqa: E402
+from producer.evaluate import Evaluator, write_report  # noqa: E402
 from reembed.metrics import mean_scores, read_qrels, read_queries  # noqa: E402
 from reembed.registry import MigrationState  # noqa: E402
 from reembed.services import LocalStack, free_port  # noqa: E402
@@ -120,6 +121,7 @@ def main() -> None:
     quality: dict[str, Any] = {}
     latency: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    evaluations: dict[str, Any] = {}
     with LocalStack(settings) as local:
         local.start_workers(args.workers)
         control = ControlPlane(local.settings)
@@ -155,6 +157,9 @@ def main() -> None:
                 timings[f"migrate to {model}"] = time.monotonic() - started
                 latency[f"scifact during migration to {model} (hybrid)"] = {
                     k: {"p50": percentile(v, 50), "p95": percentile(v, 95), "n": len(v)} for k, v in during.items()}
+                evaluations[model] = Evaluator(local.settings).run(
+                    "scifact", model, SCIFACT / "queries.jsonl", SCIFACT / "qrels" / "test.tsv")
+                write_report(evaluations[model], ROOT / "bench" / "results" / f"evaluate-scifact-{model}")
                 control.cutover("scifact")
                 quality[model] = evaluate(searcher, "scifact", queries, qrels)
                 print(json.dumps(quality, indent=1), flush=True)
@@ -169,6 +174,19 @@ def main() -> None:
                     searcher, server, "big", texts[:200])
         searcher.close()
     report(models, quality, latency, timings, args.workers)
+    for model, result in evaluations.items():
+        d = result["difference"]
+        write_section(f"`reembed evaluate` on SciFact: {models[0]} → {model} (bench/bench_search.py)", (
+            f"`reembed evaluate scifact --to {model} --queries queries.jsonl --qrels qrels/test.tsv` on the alias the "
+            f"benchmark built (new vectors read from the complete migration target {result['new_vectors']}); "
+            f"{result['queries']} judged queries, {result['documents']} documents. Published nDCG@10: "
+            f"{models[0]} 0.645, all-mpnet-base-v2 0.656.\n\n"
+            "| system | nDCG@10 | Recall@10 | Recall@100 | MRR@10 |\n|---|---|---|---|---|\n"
+            + "\n".join(f"| {name} | {v['ndcg@10']:.4f} | {v['recall@10']:.4f} | {v['recall@100']:.4f} | "
+                         f"{v['mrr@10']:.4f} |" for name, v in result["metrics"].items())
+            + f"\n\nnew − old nDCG@10: {d['mean']:+.4f}, bootstrap 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] "
+            f"→ verdict **{result['verdict']}** (GO needs > {result['min_gain']} with the interval above 0). "
+            f"Report: `bench/results/evaluate-scifact-{model}/report.md`.\n"))
 
 
 def report(models: list[str], quality: dict, latency: dict, timings: dict, workers: int) -> None:

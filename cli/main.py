@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the operation ran but ended badly (a migration failed)
 EXIT_INTERRUPTED = 130
 
-ENV_HELP = "\n".join(f"  REEMBED_{f.name:<22} {f.help} (default: {f.default or 'unset'})" for f in FIELDS)
+ENV_HELP = "\b\n" + "\n".join(f"  REEMBED_{f.name:<22} {f.help} (default: {f.default or 'unset'})" for f in FIELDS)
 
 
 def _emit(as_json: bool, payload: dict[str, Any], text: str | None = None) -> None:
@@ -236,6 +237,188 @@ _control("rollback", "Switch ALIAS back to its previous collection (one atomic w
 _control("pause", "Pause a running migration; its batches wait in the queue.", "migration_id")
 _control("resume", "Resume a paused migration, or rebuild one whose Redis was lost by diffing.", "migration_id")
 _control("cancel", "Cancel a migration and delete its partial target (never the source).", "migration_id")
+
+
+@main.command()
+@click.argument("alias")
+@click.option("--to", "to_model", required=True, help="The new model (name or directory).")
+@click.option("--workers", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Worker processes (GPUs) the estimate assumes.")
+@click.option("--sample", type=click.IntRange(1, 100_000), default=200, show_default=True,
+              help="Documents embedded to measure throughput.")
+@click.option("--queries-per-month", type=click.FloatRange(0), default=None)
+@click.option("--value-per-query", type=click.FloatRange(0), default=None, help="What one query is worth.")
+@click.option("--engineering-cost", type=click.FloatRange(0), default=None, help="One-off cost of the change.")
+@click.option("--quality-gain", type=float, default=None,
+              help="Relative gain from `reembed evaluate` (0.017 = +1.7 %), for the return on investment.")
+@json_option
+@click.pass_obj
+def plan(settings: Settings, alias: str, to_model: str, workers: int, sample: int, queries_per_month: float | None,
+         value_per_query: float | None, engineering_cost: float | None, quality_gain: float | None,
+         as_json: bool) -> None:
+    """Before migrating: documents, tokens, truncation, measured throughput, time, storage, cost, ROI."""
+    def run() -> None:
+        from producer.plan import plan as make_plan
+
+        with stack(settings, 0) as local:
+            result = make_plan(local.settings, alias, to_model, workers, sample, queries_per_month,
+                               value_per_query, engineering_cost, quality_gain)
+        _emit(as_json, result)
+    run_guarded(run)
+
+
+@main.command()
+@click.argument("alias")
+@click.option("--to", "to_model", required=True, help="The new model (name or directory).")
+@click.option("--queries", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="BEIR queries.jsonl (with --qrels); without them, queries are made from the corpus.")
+@click.option("--qrels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="BEIR qrels TSV (query-id, corpus-id, score; graded relevance allowed).")
+@click.option("--sample", type=click.IntRange(1), default=None, help="Documents to evaluate on (judged ones always in).")
+@click.option("--k", type=click.IntRange(1, 100), default=10, show_default=True)
+@click.option("--min-gain", type=float, default=0.01, show_default=True, help="Gain needed for GO.")
+@click.option("--tolerance", type=float, default=0.01, show_default=True, help="Loss that means NO-GO.")
+@click.option("--compare", type=click.Choice(["semantic", "hybrid"]), default="semantic", show_default=True)
+@click.option("--synthetic", type=click.IntRange(10, 100_000), default=200, show_default=True,
+              help="Queries to make from the corpus when no files are given.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write report.md, report.json and metrics.png here.")
+@json_option
+@click.pass_obj
+def evaluate(settings: Settings, alias: str, to_model: str, queries: Path | None, qrels: Path | None,
+             sample: int | None, k: int, min_gain: float, tolerance: float, compare: str, synthetic: int,
+             report_dir: Path | None, as_json: bool) -> None:
+    """Score old model, new model, BM25 and hybrid on ALIAS; exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE."""
+    from producer.evaluate import Evaluator, write_report
+    from reembed.evaluation import VERDICT_EXIT
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        with stack(settings, 0) as local:
+            report = Evaluator(local.settings).run(alias, to_model, queries, qrels, sample, k, min_gain, tolerance,
+                                                   synthetic, compare)
+        if report_dir is not None:
+            report["files"] = [str(p) for p in write_report(report, report_dir)]
+        d = report["difference"]
+        rows = [f"{name:<11} " + "  ".join(f"{m} {v:.4f}" for m, v in values.items())
+                for name, values in report["metrics"].items()]
+        _emit(as_json, report, "\n".join([*rows, f"{report['compare']} {report['metric']}: {d['mean']:+.4f} "
+                                           f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] -> {report['verdict']} "
+                                           f"({report['queries']} {report['queries_kind']})"]))
+        outcome["verdict"] = report["verdict"]
+
+    try:
+        run()
+    except ReembedError as exc:
+        _fail(str(exc), 2)  # an error is 2 here: 1 and 3 are verdicts
+    sys.exit(VERDICT_EXIT[outcome["verdict"]])
+
+
+@main.command()
+@click.argument("alias")
+@click.argument("percent", type=click.FloatRange(0, 100))
+@json_option
+@click.pass_obj
+def canary(settings: Settings, alias: str, percent: float, as_json: bool) -> None:
+    """Serve PERCENT of ALIAS's queries from its complete migration target (0 ends the canary)."""
+    def run() -> None:
+        from producer import ControlPlane
+
+        with stack(settings, 0) as local:
+            result = ControlPlane(local.settings).canary(alias, percent)
+        _emit(as_json, result)
+    run_guarded(run)
+
+
+@main.command()
+@click.argument("alias")
+@json_option
+@click.pass_obj
+def history(settings: Settings, alias: str, as_json: bool) -> None:
+    """Every migration of ALIAS: models, dates, counts, state, verdict, and which is live."""
+    def run() -> None:
+        from producer import ControlPlane
+
+        with stack(settings, 0) as local:
+            result = ControlPlane(local.settings).history(alias)
+        lines = [f"{alias}: live {result['live_collection']}, previous {result['previous_collection'] or '-'}"]
+        for m in result["migrations"]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["created_at"]))
+            flag = " LIVE" if m["live"] else (" CANARY" if m["canary"] else "")
+            lines.append(f"{when}  {m['migration_id']}  {m['kind']:<7} {m['from_model'] or '-'} -> {m['to_model']}  "
+                         f"{m['state']:<11} {m['done']}/{m['total']} failed {m['failed']}  "
+                         f"verdict {m['verdict'] or '-'}{flag}")
+        _emit(as_json, result, "\n".join(lines))
+    run_guarded(run)
+
+
+@main.command()
+@click.argument("alias")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--also-previous", metavar="COLLECTION", default=None,
+              help="Also delete the previous collection (what a rollback needs); must name it exactly.")
+@json_option
+@click.pass_obj
+def retire(settings: Settings, alias: str, yes: bool, also_previous: str | None, as_json: bool) -> None:
+    """Delete ALIAS's collections that are neither live, canary, nor a running migration's target."""
+    def run() -> None:
+        from producer import ControlPlane
+
+        with stack(settings, 0) as local:
+            cp = ControlPlane(local.settings)
+            plan = cp.retire_candidates(alias)
+            doomed = plan["deletable"] + ([also_previous] if also_previous else [])
+            if not doomed:
+                _emit(as_json, {**plan, "deleted": []}, f"nothing to retire for {alias} (kept: {plan['keep']}, "
+                                                        f"previous: {plan['previous']})")
+                return
+            if not yes and not click.confirm(f"delete {', '.join(doomed)}?", err=True):
+                _fail("nothing deleted", EXIT_FAILED)
+            _emit(as_json, cp.retire(alias, also_previous))
+    run_guarded(run)
+
+
+def _documents_from(file: Path) -> list[Any]:
+    from reembed.documents import read_corpus
+
+    return list(read_corpus(file))
+
+
+for _verb, _help in (("add", "Add new documents (a BEIR or JSONL FILE) to ALIAS; existing ids are refused."),
+                     ("upsert", "Add or replace documents (a BEIR or JSONL FILE) in ALIAS.")):
+    def _make(verb: str, help_text: str) -> None:
+        @main.command(name=verb, help=help_text + " During a migration they reach its target too.")
+        @click.argument("alias")
+        @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+        @json_option
+        @click.pass_obj
+        def command(settings: Settings, alias: str, file: Path, as_json: bool) -> None:
+            def run() -> None:
+                from producer import Writer
+
+                docs = _documents_from(file)
+                with stack(settings, 0) as local:
+                    result = Writer(local.settings).upsert(alias, docs, only_new=verb == "add")
+                _emit(as_json, result)
+            run_guarded(run)
+    _make(_verb, _help)
+
+
+@main.command()
+@click.argument("alias")
+@click.argument("ids", nargs=-1, required=True)
+@json_option
+@click.pass_obj
+def delete(settings: Settings, alias: str, ids: tuple[str, ...], as_json: bool) -> None:
+    """Delete documents IDS from ALIAS (and from a running migration's target)."""
+    def run() -> None:
+        from producer import Writer
+
+        with stack(settings, 0) as local:
+            result = Writer(local.settings).delete(alias, list(ids))
+        _emit(as_json, result)
+    run_guarded(run)
 
 
 @main.command()

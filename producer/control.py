@@ -28,7 +28,7 @@ from reembed.migrations import check_alias_name, start_ingest, start_migration
 from reembed.models import fingerprint, resolve_model
 from reembed.progress import Progress, alias_lock, redis_client
 from reembed.queue import TASK_CHECK_VECTORS, TASK_FINALIZE, TASK_PUMP, client_app
-from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
+from reembed.registry import ACTIVE_STATES, Canary, CollectionRecord, MigrationRecord, MigrationState, Registry
 from reembed.settings import Settings
 from reembed.status import FINAL_STATES, migration_status
 from reembed.store import Store
@@ -169,7 +169,7 @@ class ControlPlane:
             live = self.registry.get_collection(alias.live_collection)
             out.update(alias=alias.alias, live_collection=alias.live_collection, live_model=live.model,
                        live_fingerprint=live.fingerprint, previous_collection=alias.previous_collection,
-                       generation=alias.generation)
+                       canary=alias.canary.model_dump() if alias.canary else None, generation=alias.generation)
         try:
             record = self.find(alias_or_id)
         except MigrationNotFoundError:
@@ -202,7 +202,12 @@ class ControlPlane:
     # -- cutover, rollback -------------------------------------------------------------------
 
     def cutover(self, alias: str) -> dict[str, Any]:
-        """Point ALIAS at its latest migration's complete, verified target in one write."""
+        """Point ALIAS at its latest migration's complete, verified target in one write.
+
+        A final catch-up first: the target is diffed against the source once more, so writes made
+        since the migration completed are not lost. If they differ, a catch-up round starts and the
+        alias switches by itself when it completes (``catching_up`` in the answer says how many).
+        """
         record = self.registry.latest_migration(alias)
         if record is None or record.kind != "migrate":
             raise MigrationStateError(f"alias {alias!r} has no migration to cut over to")
@@ -210,8 +215,21 @@ class ControlPlane:
             raise MigrationStateError(
                 f"migration {record.id} is {record.state.value}; only a complete, verified target can go live"
             )
+        if record.state == MigrationState.COMPLETE:
+            progress = Progress(self.redis, record.id)
+            exclude = (progress.failed_ids() | progress.skipped_ids()) if progress.exists() else set()
+            delta = pipeline.diff(self.store, record, exclude)
+            behind = len(delta["missing"]) + len(delta["stale"]) + len(delta["extra"])
+            if behind:
+                record = self.registry.transition(record, MigrationState.RUNNING, cutover="auto")
+                if not progress.exists():
+                    progress.init(record.total, MigrationState.RUNNING.value)
+                progress.set(state=MigrationState.RUNNING.value)
+                self.app.send_task(TASK_FINALIZE, kwargs={"migration_id": record.id})
+                log.info("final catch-up before cutover", alias=alias, migration_id=record.id, documents=behind)
+                return {**self.status(alias), "catching_up": behind}
         pipeline.cutover(self.store, self.registry, self.redis, record)
-        return self.status(alias)
+        return {**self.status(alias), "catching_up": 0}
 
     def rollback(self, alias: str) -> dict[str, Any]:
         """Point ALIAS back at its previous collection in one write; both collections are kept."""
@@ -227,6 +245,81 @@ class ControlPlane:
             self.registry.transition(record, MigrationState.ROLLED_BACK)
         log.info("alias rolled back", alias=alias, collection=current.previous_collection)
         return self.status(alias)
+
+    def canary(self, alias: str, percent: float) -> dict[str, Any]:
+        """Serve ``percent`` of ALIAS's queries from its latest complete migration's target (0 ends it).
+
+        The share is kept in the alias record, which every search process reads on every query.
+
+        Raises:
+            InputError: percent outside 0..100.
+            MigrationStateError: no complete, verified, not-yet-live target to send queries to.
+        """
+        if not 0 <= percent <= 100:
+            raise InputError(f"canary percent {percent} is out of range: use 0..100 (0 ends the canary)")
+        with alias_lock(self.redis, alias):
+            current = self.registry.get_alias(alias)
+            canary = None
+            if percent > 0:
+                record = self.registry.latest_migration(alias)
+                if (record is None or record.kind != "migrate" or record.state != MigrationState.COMPLETE
+                        or not record.verified or record.target_collection == current.live_collection):
+                    state = record.state.value if record else "none"
+                    raise MigrationStateError(
+                        f"alias {alias!r} has no complete, verified migration waiting for cutover (latest: {state}); "
+                        "run `reembed migrate ALIAS --to MODEL --cutover manual` and wait for it to complete")
+                canary = Canary(collection=record.target_collection, percent=percent, migration_id=record.id)
+            self.registry.set_canary(alias, canary, current.generation)
+        log.info("canary set", alias=alias, percent=percent)
+        return {**self.status(alias), "canary": canary.model_dump() if canary else None}
+
+    def history(self, alias: str) -> dict[str, Any]:
+        """Every migration (and the ingest) of ALIAS, newest first, and which collection is live."""
+        current = self.registry.get_alias(alias)
+        rows = [{
+            "migration_id": r.id, "kind": r.kind, "from_model": r.from_model, "to_model": r.to_model,
+            "source_collection": r.source_collection, "target_collection": r.target_collection,
+            "state": r.state.value, "created_at": r.created_at, "finished_at": r.finished_at,
+            "total": r.total, "done": r.done, "failed": r.failed, "skipped": r.skipped,
+            "verified": r.verified, "verdict": r.verdict, "error": r.error,
+            "live": r.target_collection == current.live_collection,
+            "canary": bool(current.canary and current.canary.collection == r.target_collection),
+        } for r in self.registry.migrations(alias)]
+        return {"alias": alias, "live_collection": current.live_collection,
+                "previous_collection": current.previous_collection, "migrations": rows}
+
+    def retire_candidates(self, alias: str) -> dict[str, Any]:
+        """Collections of ALIAS that could be deleted: neither live nor canary nor mid-migration.
+
+        The previous collection (what a rollback needs) is listed apart and only deleted by name.
+        """
+        current = self.registry.get_alias(alias)
+        keep = {current.live_collection} | ({current.canary.collection} if current.canary else set())
+        seen: set[str] = set()
+        for record in self.registry.migrations(alias):
+            if record.state in ACTIVE_STATES:
+                keep |= {record.target_collection}
+            seen |= {c for c in (record.source_collection, record.target_collection) if c}
+        existing = {c for c in seen if self.store.exists(c)}
+        previous = current.previous_collection if current.previous_collection in existing else None
+        return {"alias": alias, "keep": sorted(keep & existing),
+                "previous": previous, "deletable": sorted(existing - keep - {previous})}
+
+    def retire(self, alias: str, also_previous: str | None = None) -> dict[str, Any]:
+        """Delete the collections ``retire_candidates`` lists as deletable (and the previous one if
+        ``also_previous`` names it exactly). Never automatic: the CLI asks first."""
+        with alias_lock(self.redis, alias):
+            plan = self.retire_candidates(alias)
+            if also_previous is not None and also_previous != plan["previous"]:
+                raise InputError(f"{also_previous!r} is not {alias!r}'s previous collection "
+                                 f"({plan['previous'] or 'none'}); nothing was deleted")
+            doomed = plan["deletable"] + ([also_previous] if also_previous else [])
+            for name in doomed:
+                self.store.delete(name)
+                log.info("collection retired", alias=alias, collection=name)
+            if also_previous:
+                self.registry.forget_previous(alias)
+        return {**plan, "deleted": doomed}
 
     # -- pause, resume, cancel ---------------------------------------------------------------
 

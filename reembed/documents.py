@@ -6,14 +6,18 @@ diff that verifies a migration and catches up writes made during it.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reembed.errors import InputError
+
+if TYPE_CHECKING:
+    from reembed.models import LoadedModel
 
 #: Provenance written on every document reembed stores; stripped before hashing user metadata.
 PROVENANCE_KEYS = ("embedding_model", "model_fingerprint", "embedded_at", "content_hash")
@@ -37,6 +41,17 @@ def content_hash(text: str, metadata: dict[str, Any] | None) -> str:
     """sha256 of the text and the user's metadata (key order does not matter)."""
     payload = json.dumps([text, user_metadata(metadata)], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def provenance(model: LoadedModel, text: str, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The user's metadata plus the fields that trace a vector back to its model."""
+    return {
+        **user_metadata(metadata),
+        "embedding_model": model.spec.name,
+        "model_fingerprint": model.fingerprint,
+        "embedded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "content_hash": content_hash(text, metadata),
+    }
 
 
 def check_metadata(doc_id: str, metadata: Any, where: str) -> dict[str, Any]:

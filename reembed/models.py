@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import os
 import threading
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -207,20 +208,23 @@ def fingerprint(spec: ModelSpec, data_dir: Path) -> str:
     cache_file = data_dir / "cache" / "weights-sha256.json"
     cache: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     digests = []
+    changed = False
     for file in files:
         stat = file.stat()
         key = f"{file}:{stat.st_size}:{stat.st_mtime_ns}"
         if key not in cache:
+            changed = True
             sha = hashlib.sha256()
             with open(file, "rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     sha.update(chunk)
             cache[key] = sha.hexdigest()
         digests.append(cache[key])
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(cache))
-    tmp.replace(cache_file)
+    if changed:  # worker processes start together: each writes its own temporary file, then renames
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
     descriptor = {
         "name": spec.name,
         "revision": spec.revision,

@@ -115,7 +115,9 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
     assert record.source_collection is not None
     if phase == "scan":
         window = min(room, SORT_WINDOW_BATCHES) * record.batch_size
+        started = time.perf_counter()
         page = store.page(record.source_collection, cursor, window)
+        progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
         if page.ids:
             docs = _docs(page.ids, page.documents, page.metadatas, skipped)
             batches = length_sorted_batches(docs, record.batch_size) if docs else [[]]
@@ -127,7 +129,9 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
         with redis_errors("reading the catch-up list"):
             ids = list(client.lrange(todo_key(record.id), cursor, cursor + record.batch_size - 1))
         if ids:
+            started = time.perf_counter()
             found = store.get(record.source_collection, ids)
+            progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
             send_batch(app, record.id, f"r{fields.get('round', 0)}-{cursor}",
                        _docs(found.ids, found.documents, found.metadatas, skipped))
             progress.set(cursor=cursor + len(ids), enqueued_batches=sent + 1)

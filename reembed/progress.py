@@ -164,13 +164,15 @@ class Progress:
         with redis_errors("counting a delivery"):
             return int(self.r.hincrby(deliveries_key(self.id), batch_id, 1))
 
-    def add_timings(self, seconds: dict[str, float]) -> None:
-        """Accumulate where a batch's time went (``t_embed``, ``t_write``...): status and benches read them."""
+    def add_timings(self, seconds: dict[str, float], batches: int = 1) -> None:
+        """Accumulate where a batch's time went (``t_embed``, ``t_write``...): status and benches read
+        them. The pump adds ``t_fetch`` (reading the source) with ``batches=0``."""
         with redis_errors("recording batch timings"):
             pipe = self.r.pipeline(transaction=False)
             for name, value in seconds.items():
                 pipe.hincrbyfloat(self.key, f"t_{name}", round(value, 6))
-            pipe.hincrby(self.key, "t_batches", 1)
+            if batches:
+                pipe.hincrby(self.key, "t_batches", batches)
             pipe.execute()
 
     def timings(self) -> dict[str, float]:

@@ -60,12 +60,21 @@ TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
 ACTIVE_STATES = frozenset({S.PLANNED, S.RUNNING, S.PAUSED, S.VERIFYING})
 
 
+class Canary(BaseModel):
+    """A share of an alias's queries served by a complete, verified, not yet live collection."""
+
+    collection: str
+    percent: float = Field(gt=0, le=100)
+    migration_id: str
+
+
 class AliasRecord(BaseModel):
-    """A logical name and the one collection it serves."""
+    """A logical name and the one collection it serves (plus, optionally, a canary)."""
 
     alias: str
     live_collection: str
     previous_collection: str | None = None
+    canary: Canary | None = None
     generation: int = 1
     updated_at: float = Field(default_factory=time.time)
 
@@ -104,6 +113,7 @@ class MigrationRecord(BaseModel):
     failed: int = 0
     skipped: int = 0
     verified: bool = False
+    verdict: str | None = None  # GO / NO-GO / INCONCLUSIVE once evaluated
     error: str | None = None
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
@@ -175,7 +185,30 @@ class Registry:
             live_collection=to_collection,
             previous_collection=current.live_collection if current else None,
             generation=(current.generation + 1) if current else 1,
-        )
+        )  # a switch ends any canary: the canary either went live or is no longer wanted
+        self._put("alias", alias, record)
+        return record
+
+    def forget_previous(self, alias: str) -> AliasRecord:
+        """The previous collection was deleted: a rollback is no longer possible."""
+        current = self.get_alias(alias)
+        record = current.model_copy(update={"previous_collection": None, "generation": current.generation + 1,
+                                            "updated_at": time.time()})
+        self._put("alias", alias, record)
+        return record
+
+    def set_canary(self, alias: str, canary: Canary | None, expected_generation: int) -> AliasRecord:
+        """Start, change or (``None``) end an alias's canary in one write.
+
+        Raises:
+            MigrationStateError: the alias changed since the caller read it.
+        """
+        current = self.get_alias(alias)
+        if current.generation != expected_generation:
+            raise MigrationStateError(f"alias {alias!r} changed meanwhile (generation {current.generation}, "
+                                      f"expected {expected_generation}); try again")
+        record = current.model_copy(update={"canary": canary, "generation": current.generation + 1,
+                                            "updated_at": time.time()})
         self._put("alias", alias, record)
         return record
 

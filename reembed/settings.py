@@ -65,6 +65,13 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
+def settings_table() -> str:
+    """The README's settings table, generated from ``FIELDS`` (a unit test keeps them equal)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{PREFIX}{f.name}` | {f'`{f.default}`' if f.default else 'unset'} | {f.help} |" for f in FIELDS]
+    return "\n".join(rows)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The resolved settings. Build with :meth:`from_env`; derive with :meth:`with_`."""

@@ -51,6 +51,7 @@ class SearchRequest(BaseModel):
     q: str | list[str] = Field(description=f"one query, or up to {MAX_BATCH_QUERIES} queries")
     k: int = Field(10, ge=1, le=MAX_K)
     mode: Mode = "hybrid"
+    key: str | None = Field(None, max_length=256, description="client key for canary routing")
 
 
 class BatchSearchResponse(BaseModel):
@@ -140,16 +141,18 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
         mode: Mode = "hybrid",
+        key: Annotated[str | None, Query(max_length=256, description="client key for canary routing")] = None,
     ) -> SearchResponse:
-        return _searcher().search(alias, q, k, mode)
+        return _searcher().search(alias, q, k, mode, client_key=key)
 
     @app.post("/search", response_model=SearchResponse | BatchSearchResponse, dependencies=[Depends(authorise)])
     def search_post(body: SearchRequest) -> SearchResponse | BatchSearchResponse:
         if isinstance(body.q, str):
-            return _searcher().search(body.alias, body.q, body.k, body.mode)
+            return _searcher().search(body.alias, body.q, body.k, body.mode, client_key=body.key)
         if not 1 <= len(body.q) <= MAX_BATCH_QUERIES:
             raise InputError(f"send 1..{MAX_BATCH_QUERIES} queries in one request (got {len(body.q)})")
-        return BatchSearchResponse(responses=[_searcher().search(body.alias, q, body.k, body.mode) for q in body.q])
+        return BatchSearchResponse(responses=[_searcher().search(body.alias, q, body.k, body.mode, client_key=body.key)
+                                              for q in body.q])
 
     @app.get("/aliases", dependencies=[Depends(authorise)])
     def aliases() -> dict[str, Any]:
@@ -162,6 +165,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
             row: dict[str, Any] = {
                 "alias": alias.alias, "live_collection": alias.live_collection,
                 "previous_collection": alias.previous_collection, "model": record.model,
+                "canary": alias.canary.model_dump() if alias.canary else None,
                 "fingerprint": record.fingerprint, "documents": searcher.store.count(alias.live_collection),
                 "bm25_index": {"documents": len(index), "built_at": index.built_at} if index else None,
                 "migration": None,

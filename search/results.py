@@ -41,6 +41,7 @@ class ServedBy(BaseModel):
     collection: str
     model: str
     fingerprint: str
+    canary: bool = Field(False, description="served by the alias's canary collection, not its live one")
     bm25_index: IndexInfo | None = None
 
 

@@ -28,6 +28,7 @@ from search.bm25 import Bm25Index, KeywordHit
 from search.fusion import reciprocal_rank_fusion
 from search.indexes import IndexManager
 from search.results import MODES, Hit, IndexInfo, Mode, Ranks, SearchResponse, ServedBy
+from search.routing import choose_collection
 
 MAX_K = 1000
 MAX_QUERY_CHARS = 10_000
@@ -128,10 +129,12 @@ class Searcher:
 
     def search(self, alias: str, query: str, k: int = 10, mode: Mode = "hybrid", *,
                rrf_k: int | None = None, weights: Mapping[str, float] | None = None,
-               fresh_index: bool = False) -> SearchResponse:
+               fresh_index: bool = False, client_key: str | None = None) -> SearchResponse:
         """Answer one query.
 
         Args:
+            client_key: routes a caller to the same side of a canary every time (default: the
+                query text decides).
             fresh_index: check the BM25 index against the collection and rebuild it before
                 answering (one-shot callers such as the CLI); a server leaves it False and
                 refreshes in the background.
@@ -145,7 +148,7 @@ class Searcher:
         started = time.perf_counter()
         check_query(query, k, mode)
         alias_record, degraded = self.resolve(alias)
-        live = alias_record.live_collection
+        live, canary = choose_collection(alias_record, query, client_key)
         record = self.collection_record(live)  # cached after the first query: served while Chroma is down
         depth = max(k, self.settings.search_depth)
         keyword: list[KeywordHit] = []
@@ -176,7 +179,7 @@ class Searcher:
         hits = self._assemble(answered, k, keyword, semantic_ids, semantic_rows, index,
                               rrf_k if rrf_k is not None else self.settings.rrf_k, weights)
         served = ServedBy(
-            collection=live, model=record.model, fingerprint=record.fingerprint,
+            collection=live, model=record.model, fingerprint=record.fingerprint, canary=canary,
             bm25_index=IndexInfo(collection=index.signature.collection, documents=len(index),
                                  built_at=index.built_at) if index is not None else None,
         )
@@ -227,6 +230,8 @@ class Searcher:
                 self.keyword_index(alias)
                 self.indexes.refresh(alias.live_collection)
                 self.model_for(self.collection_record(alias.live_collection))
+                if alias.canary is not None:
+                    self.model_for(self.collection_record(alias.canary.collection))
                 latest = self.registry.latest_migration(alias.alias)
                 if latest and latest.kind == "migrate" and latest.state in (MigrationState.VERIFYING,
                                                                            MigrationState.COMPLETE):

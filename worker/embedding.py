@@ -8,7 +8,6 @@ every other document proceeds. Connection errors are *not* split: they propagate
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import numpy as np
 import redis
 import structlog
 
-from reembed.documents import content_hash, user_metadata
+from reembed.documents import provenance
 from reembed.errors import CollectionNotFoundError, ModelMismatchError, RetryableError
 from reembed.models import LoadedModel
 from reembed.progress import MAX_DELIVERIES, Progress, redis_errors
@@ -74,17 +73,6 @@ def embed_isolating(embed: Callable[[list[str]], np.ndarray], ids: list[str], te
     parts = [v for v in (left[1], right[1]) if v is not None and len(v)]
     vectors_out = np.concatenate(parts) if parts else None
     return indexes, vectors_out, {**left[2], **right[2]}
-
-
-def provenance(model: LoadedModel, text: str, metadata: dict[str, Any] | None) -> dict[str, Any]:
-    """The user's metadata plus the fields that trace a vector back to its model."""
-    return {
-        **user_metadata(metadata),
-        "embedding_model": model.spec.name,
-        "model_fingerprint": model.fingerprint,
-        "embedded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "content_hash": content_hash(text, metadata),
-    }
 
 
 #: Per process: the migration records seen (their model and target never change) and the

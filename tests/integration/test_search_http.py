@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from producer import ControlPlane
+from reembed.models import load_model, resolve_model
 from reembed.registry import MigrationState
 from reembed.services import ChromaServer, Workers
 from reembed.settings import Settings
@@ -108,6 +109,23 @@ def test_http_api_key_model_mismatch_and_persisted_index(
     with TestClient(create_app(settings)) as client:
         again = client.get("/search", params={"alias": "sci", "q": QUERY, "mode": "keyword"}).json()
         assert again["served_by"]["bm25_index"]["built_at"] == built_at
+    # A document written straight into the live collection reaches the BM25 index by a background
+    # rebuild that is swapped in; queries keep being answered by the old index meanwhile.
+    with TestClient(create_app(settings.with_(index_refresh_s=0.2))) as client:
+        model = load_model(resolve_model("all-MiniLM-L6-v2"), settings.data_dir, "cpu")
+        text = "Zymurgy: the chemistry of fermentation by brewing yeast"
+        control.store.add(live, ids=["zz-new"], embeddings=model.embed_documents([text]), documents=[text],
+                          metadatas=[{"source": "test"}])
+        deadline, found = time.monotonic() + 30, None
+        while time.monotonic() < deadline:
+            answer = client.get("/search", params={"alias": "sci", "q": "zymurgy", "mode": "keyword"})
+            assert answer.status_code == 200
+            if answer.json()["results"]:
+                found = answer.json()
+                break
+            time.sleep(0.1)
+        assert found is not None and found["results"][0]["id"] == "zz-new"
+        assert found["served_by"]["bm25_index"]["documents"] == 61
     # The collection's record names another model's fingerprint: refused with 409, both models named.
     record = control.registry.get_collection(live)
     control.registry.put_collection(record.model_copy(update={"fingerprint": "sha256:0000"}))

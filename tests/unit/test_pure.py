@@ -103,3 +103,12 @@ def test_two_models_of_the_same_dimension_get_different_fingerprints(tmp_path: P
     assert other.dimension == minilm.dimension == 384
     assert fingerprint(other, tmp_path) != fingerprint(minilm, tmp_path)
     assert fingerprint(minilm, tmp_path) == fingerprint(minilm, tmp_path)  # stable (and cached)
+
+
+def test_readme_settings_table_is_generated_from_fields() -> None:
+    from pathlib import Path
+
+    from reembed.settings import settings_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert settings_table() in readme, "regenerate README's table with reembed.settings.settings_table()"

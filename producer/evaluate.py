@@ -1,0 +1,171 @@
+"""`reembed evaluate`: measure old vs new on the same documents and queries before deciding.
+
+Systems scored: the old model, the new model, BM25, and hybrid (RRF of BM25 with each model).
+The old side uses the vectors the live collection already stores; the new side uses the target
+of a complete migration to the new model when there is one (so `migrate --cutover manual`, then
+`evaluate`, then `canary`, then `cutover` costs no extra embedding), and otherwise embeds the
+sample here. Retrieval over the sample is exact (brute-force cosine), so a sample of a large
+collection is evaluated without touching the rest of it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from reembed import evaluation as ev
+from reembed.errors import InputError
+from reembed.metrics import METRICS, mean_scores, per_query, read_qrels, read_queries
+from reembed.models import LoadedModel, load_model, resolve_model
+from reembed.registry import MigrationRecord, MigrationState, Registry
+from reembed.settings import Settings
+from reembed.store import PAGE_SIZE, Store
+from search.bm25 import Bm25Index, IndexSignature
+from search.fusion import reciprocal_rank_fusion
+
+log = structlog.get_logger(__name__)
+
+DEPTH = 100
+SYSTEMS = ("old", "new", "bm25", "hybrid-old", "hybrid-new")
+
+
+class Evaluator:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.chroma_url)
+        self.registry = Registry(self.store)
+
+    def _model(self, name: str) -> LoadedModel:
+        s = self.settings
+        return load_model(resolve_model(name), s.data_dir, s.device, s.torch_threads, s.embed_batch_size)
+
+    def _target(self, alias: str, model_name: str) -> MigrationRecord | None:
+        for record in self.registry.migrations(alias):
+            if (record.kind == "migrate" and record.to_model == model_name and record.verified
+                    and record.state in (MigrationState.COMPLETE, MigrationState.LIVE, MigrationState.ROLLED_BACK)
+                    and self.store.exists(record.target_collection)):
+                return record
+        return None
+
+    def _vectors(self, collection: str, ids: list[str]) -> np.ndarray:
+        rows: dict[str, np.ndarray] = {}
+        for start in range(0, len(ids), PAGE_SIZE):
+            page = self.store.get(collection, ids[start:start + PAGE_SIZE], embeddings=True)
+            assert page.embeddings is not None
+            rows.update(zip(page.ids, page.embeddings, strict=True))
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise InputError(f"{len(missing)} sampled documents are missing from {collection!r} (first: {missing[0]})")
+        return np.stack([rows[i] for i in ids])
+
+    def run(self, alias: str, to_model: str, queries_file: Path | None = None, qrels_file: Path | None = None,
+            sample: int | None = None, k: int = 10, min_gain: float = 0.01, tolerance: float = 0.01,
+            synthetic: int = 200, compare: str = "semantic", metric: str = "ndcg@10") -> dict[str, Any]:
+        """Score every system and give the verdict for ``compare`` (semantic or hybrid) on ``metric``."""
+        if (queries_file is None) != (qrels_file is None):
+            raise InputError("give both --queries and --qrels (BEIR files), or neither for synthetic queries")
+        if compare not in ("semantic", "hybrid") or metric not in METRICS:
+            raise InputError(f"compare semantic or hybrid on one of {', '.join(METRICS)}")
+        current = self.registry.get_alias(alias)
+        old_record = self.registry.get_collection(current.live_collection)
+        new_spec = resolve_model(to_model)
+        target = self._target(alias, new_spec.name)
+        docs: dict[str, str] = {}
+        for page in self.store.pages(current.live_collection):
+            docs.update((i, t) for i, t in zip(page.ids, page.documents, strict=True) if t)
+        if queries_file is not None and qrels_file is not None:
+            kind = f"judged (BEIR files {queries_file.name}, {qrels_file.name})"
+            texts = read_queries(queries_file)
+            qrels = {q: {d: g for d, g in j.items() if d in docs} for q, j in read_qrels(qrels_file).items()
+                     if q in texts}
+            qrels = {q: j for q, j in qrels.items() if any(g > 0 for g in j.values())}
+            if not qrels:
+                raise InputError("no judged query has a relevant document in this collection; check the files")
+            queries = {q: texts[q] for q in qrels}
+            edited: dict[str, str] = {}
+        else:
+            kind = "synthetic (a distinctive sentence cut out of each of a sample of documents)"
+            queries, qrels, edited = ev.synthetic_queries(sorted(docs.items()), synthetic)
+        judged = {d for j in qrels.values() for d in j}
+        ids = ev.sample_ids(sorted(docs), judged, sample)
+        texts_used = [edited.get(i, docs[i]) for i in ids]
+        old_model, new_model = self._model(old_record.model), self._model(new_spec.name)
+        if edited:  # documents changed: both sides are embedded here, the same way
+            old_vectors, new_vectors = old_model.embed_documents(texts_used), new_model.embed_documents(texts_used)
+            new_source = "embedded here (synthetic queries change the documents)"
+        else:
+            old_vectors = self._vectors(current.live_collection, ids)
+            if target is not None:
+                new_vectors, new_source = self._vectors(target.target_collection, ids), target.target_collection
+            else:
+                new_vectors, new_source = new_model.embed_documents(texts_used), "embedded here"
+        qids = list(queries)
+        qtexts = [queries[q] for q in qids]
+        runs: dict[str, dict[str, list[str]]] = {
+            "old": dict(zip(qids, ev.dense_rankings(old_model.embed_queries(qtexts), old_vectors, ids, DEPTH), strict=True)),
+            "new": dict(zip(qids, ev.dense_rankings(new_model.embed_queries(qtexts), new_vectors, ids, DEPTH), strict=True)),
+        }
+        index = Bm25Index.build(IndexSignature("evaluation", len(ids), 0), ids, texts_used, [None] * len(ids))
+        runs["bm25"] = {q: [h.id for h in index.query(queries[q], DEPTH)] for q in qids}
+        for side in ("old", "new"):
+            runs[f"hybrid-{side}"] = {q: [f.id for f in reciprocal_rank_fusion(
+                {"bm25": runs["bm25"][q], "semantic": runs[side][q]}, k=self.settings.rrf_k)][:DEPTH] for q in qids}
+        scores = {name: mean_scores(run, qrels) for name, run in runs.items()}
+        pair = ("new", "old") if compare == "semantic" else ("hybrid-new", "hybrid-old")
+        new_q, old_q = (per_query(runs[p], qrels)[metric] for p in pair)
+        diff = ev.bootstrap_difference([new_q[q] for q in new_q], [old_q[q] for q in new_q])
+        decision = ev.verdict(diff, min_gain, tolerance)
+        report = {
+            "alias": alias, "old_model": old_record.model, "new_model": new_spec.name,
+            "old_collection": current.live_collection, "new_vectors": new_source, "queries": len(qids),
+            "queries_kind": kind, "documents": len(ids), "collection_documents": len(docs), "k": k,
+            "metrics": scores, "compare": f"{pair[0]} vs {pair[1]}", "metric": metric,
+            "difference": {"mean": diff.mean, "ci95": [diff.low, diff.high], "queries": diff.queries},
+            "min_gain": min_gain, "tolerance": tolerance, "verdict": decision,
+        }
+        if target is not None:
+            self.registry.put_migration(target.model_copy(update={"verdict": decision}))
+        log.info("evaluation done", alias=alias, verdict=decision, mean=round(diff.mean, 4))
+        return report
+
+
+def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
+    """report.json, report.md and metrics.png (a bar chart of every metric per system)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "report.json").write_text(json.dumps(report, indent=1))
+    metrics = list(next(iter(report["metrics"].values())))
+    lines = [
+        f"# Evaluation of {report['alias']}: {report['old_model']} → {report['new_model']}", "",
+        f"**Verdict: {report['verdict']}** — {report['compare']} on {report['metric']}: mean difference "
+        f"{report['difference']['mean']:+.4f}, 95% CI [{report['difference']['ci95'][0]:+.4f}, "
+        f"{report['difference']['ci95'][1]:+.4f}] over {report['difference']['queries']} queries "
+        f"(GO needs > {report['min_gain']} with the interval above 0).", "",
+        f"Queries: {report['queries']}, {report['queries_kind']}. Documents: {report['documents']} of "
+        f"{report['collection_documents']}. New vectors: {report['new_vectors']}.", "",
+        "| system | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics),
+    ]
+    lines += [f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in metrics) + " |"
+              for name, values in report["metrics"].items()]
+    lines += ["", "![metrics](metrics.png)", ""]
+    (directory / "report.md").write_text("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(report["metrics"])
+    for i, (name, values) in enumerate(report["metrics"].items()):
+        ax.bar(np.arange(len(metrics)) + i * width, [values[m] for m in metrics], width, label=name)
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{report['old_model']} → {report['new_model']}: {report['verdict']}")
+    ax.legend(fontsize=8, ncols=len(report["metrics"]))
+    fig.tight_layout()
+    fig.savefig(directory / "metrics.png", dpi=100)
+    plt.close(fig)
+    return [directory / n for n in ("report.json", "report.md", "metrics.png")]

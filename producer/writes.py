@@ -1,0 +1,128 @@
+"""The write path other services use: documents go through an alias, never around it.
+
+A write lands in the alias's live collection, embedded with that collection's own model, and,
+while a migration of the alias is running or waiting for cutover, in the migration's target too,
+embedded with the new model. Then the collections' write counters are bumped in Redis so every
+search process rebuilds its BM25 index. If the target write fails (or a service writes to the
+source collection behind reembed's back), nothing is lost: the migration's verification diffs
+source and target by content hash before completing, and again at cutover, and re-embeds what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from reembed.documents import Document, check_metadata, provenance
+from reembed.errors import InputError, ModelMismatchError, ReembedError
+from reembed.models import LoadedModel, load_model, resolve_model
+from reembed.progress import bump_writes, redis_client
+from reembed.registry import MigrationState, Registry
+from reembed.settings import MAX_BATCH_SIZE, Settings
+from reembed.store import Store
+
+log = structlog.get_logger(__name__)
+
+#: Migration states whose target receives writes: it will be (or may become) what the alias serves.
+_WRITE_THROUGH = frozenset({MigrationState.RUNNING, MigrationState.PAUSED, MigrationState.VERIFYING,
+                            MigrationState.COMPLETE})
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    collection: str
+    model: str
+    fingerprint: str
+    role: str  # "live" or "migration target"
+
+
+class Writer:
+    """Hold one per process; it loads (and caches) the models of the collections it writes to."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.chroma_url)
+        self.registry = Registry(self.store)
+        self.redis = redis_client(settings.redis_url) if settings.redis_url else None
+
+    def targets(self, alias: str) -> list[WriteTarget]:
+        """The live collection, and the running (or complete, not yet live) migration's target."""
+        current = self.registry.get_alias(alias)
+        live = self.registry.get_collection(current.live_collection)
+        found = [WriteTarget(live.name, live.model, live.fingerprint, "live")]
+        record = self.registry.latest_migration(alias)
+        if (record is not None and record.kind == "migrate" and record.state in _WRITE_THROUGH
+                and record.target_collection != current.live_collection and self.store.exists(record.target_collection)):
+            found.append(WriteTarget(record.target_collection, record.to_model, record.to_fingerprint,
+                                     "migration target"))
+        return found
+
+    def _model(self, target: WriteTarget) -> LoadedModel:
+        s = self.settings
+        model = load_model(resolve_model(target.model), s.data_dir, s.device, s.torch_threads, s.embed_batch_size)
+        if model.fingerprint != target.fingerprint:
+            raise ModelMismatchError(
+                f"collection {target.collection!r} holds vectors of {target.model} ({target.fingerprint}); the model "
+                f"loaded here is {model.fingerprint}; install the same weights before writing")
+        return model
+
+    def upsert(self, alias: str, documents: list[Document], only_new: bool = False) -> dict[str, Any]:
+        """Add or replace ``documents`` under ALIAS. ``only_new`` (``add``) refuses ids that exist.
+
+        Raises:
+            InputError: no documents, too many, a duplicate or existing id (``only_new``), a
+                document without text, or metadata Chroma cannot store; nothing is written.
+        """
+        _check(documents)
+        targets = self.targets(alias)
+        ids = [d.id for d in documents]
+        if only_new:
+            existing = self.store.get(targets[0].collection, ids).ids
+            if existing:
+                raise InputError(f"{len(existing)} id(s) already exist in {alias!r} (first: {', '.join(existing[:5])}); "
+                                 "use upsert to replace them; nothing was written")
+        texts = [d.text for d in documents]
+        for target in targets:  # live first: what the alias serves is written before anything else
+            model = self._model(target)
+            vectors = model.embed_documents(texts)
+            metas = [provenance(model, d.text, d.metadata) for d in documents]
+            write = self.store.add if only_new else self.store.upsert
+            write(target.collection, ids=ids, embeddings=vectors, documents=texts, metadatas=metas)
+        return self._done(alias, "add" if only_new else "upsert", targets, len(documents))
+
+    def delete(self, alias: str, ids: list[str]) -> dict[str, Any]:
+        """Delete ``ids`` from the live collection and any migration target (absent ids are ignored)."""
+        if not ids or len(ids) > MAX_BATCH_SIZE:
+            raise InputError(f"give 1..{MAX_BATCH_SIZE} ids to delete (got {len(ids)})")
+        targets = self.targets(alias)
+        for target in targets:
+            self.store.delete_ids(target.collection, ids)
+        return self._done(alias, "delete", targets, len(ids))
+
+    def _done(self, alias: str, op: str, targets: list[WriteTarget], count: int) -> dict[str, Any]:
+        for target in targets:
+            if self.redis is not None:
+                with contextlib.suppress(ReembedError):  # Redis down: search still sees adds/deletes by count
+                    bump_writes(self.redis, target.collection)
+        log.info("documents written", alias=alias, op=op, documents=count,
+                 collections=[t.collection for t in targets])
+        return {"alias": alias, "op": op, "documents": count,
+                "collections": [{"collection": t.collection, "model": t.model, "role": t.role} for t in targets]}
+
+
+def _check(documents: list[Document]) -> None:
+    if not documents or len(documents) > MAX_BATCH_SIZE:
+        raise InputError(f"give 1..{MAX_BATCH_SIZE} documents per write (got {len(documents)}); split larger ones")
+    seen: set[str] = set()
+    for doc in documents:
+        if not doc.id.strip():
+            raise InputError("a document has an empty id")
+        if doc.id in seen:
+            raise InputError(f"id {doc.id!r} appears twice in one write")
+        seen.add(doc.id)
+        if not doc.text.strip():
+            raise InputError(f"document {doc.id!r} has no text to embed")
+        check_metadata(doc.id, doc.metadata, "write")

@@ -1,0 +1,103 @@
+"""The logic behind throughput: device choices, length-sorted batches, overlapped writes.
+
+The CUDA paths are covered here by their logic (no GPU on CI); the GPU figures themselves are
+in BENCHMARKS.md, measured by bench/gpu_run.sh on a lent GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from reembed.documents import Document
+from reembed.errors import StoreUnavailableError
+from reembed.models import embed_batch_size, pick_device, use_half_precision
+from reembed.pipeline import length_sorted_batches
+from worker.embedding import FIRST_PASS_PREFIXES, embed_and_write
+
+
+@pytest.mark.parametrize(("device", "setting", "expected"), [
+    ("cpu", 0, 32), ("cuda", 0, 256), ("cuda:1", 0, 256), ("mps", 0, 64), ("cuda", 100, 100), ("cpu", 8, 8),
+])
+def test_forward_batch_is_chosen_per_device(device: str, setting: int, expected: int) -> None:
+    assert embed_batch_size(device, setting) == expected
+
+
+def test_half_precision_only_on_cuda_and_explicit_devices_are_kept() -> None:
+    assert use_half_precision("cuda") and use_half_precision("cuda:3")
+    assert not use_half_precision("cpu") and not use_half_precision("mps")
+    assert pick_device("cuda:1") == "cuda:1" and pick_device("cpu") == "cpu"
+
+
+def test_length_sorted_batches_are_deterministic_and_complete() -> None:
+    docs = [Document(f"d{i}", "x" * ((i * 7) % 13), {}) for i in range(20)]
+    batches = length_sorted_batches(docs, 6)
+    assert [len(b) for b in batches] == [6, 6, 6, 2]
+    flat = [d for b in batches for d in b]
+    assert sorted(d.id for d in flat) == sorted(d.id for d in docs)
+    assert [len(d.text) for d in flat] == sorted(len(d.text) for d in docs)
+    assert length_sorted_batches(list(reversed(docs)), 6) == batches  # same window, same batches
+
+
+class FakeModel:
+    """Records when each chunk is embedded; 'poison' texts make the model raise."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.spec = type("Spec", (), {"name": "fake"})()
+        self.fingerprint = "sha256:fake"
+        self.events: list[tuple[str, float]] = []
+
+    def embed_documents(self, texts: list[str]) -> np.ndarray:
+        if any("poison" in t for t in texts):
+            raise ValueError("cannot embed this")
+        self.events.append(("embed", time.perf_counter()))
+        time.sleep(0.05)
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+
+def test_writes_overlap_the_next_embedding_and_keep_every_document() -> None:
+    model = FakeModel(batch_size=4)
+    written: list[list[str]] = []
+    in_write = threading.Event()
+    overlapped: list[bool] = []
+
+    def write(collection: str, ids: list[str], embeddings: np.ndarray, documents: list[str],
+              metadatas: list[dict[str, Any]]) -> None:
+        in_write.set()
+        time.sleep(0.08)
+        written.append(ids)
+        in_write.clear()
+
+    original = model.embed_documents
+
+    def embed(texts: list[str]) -> np.ndarray:
+        overlapped.append(in_write.is_set())
+        return original(texts)
+
+    model.embed_documents = embed  # type: ignore[method-assign]
+    ids = [f"d{i}" for i in range(10)]
+    texts = [f"text {i}" for i in range(10)]
+    texts[5] = "poison"
+    done, failed, timings = embed_and_write(model, "target", ids, texts, [{}] * 10, write)  # type: ignore[arg-type]
+    assert done == 9 and set(failed) == {"d5"} and "ValueError" in failed["d5"]
+    assert [i for chunk in written for i in chunk] == [i for i in ids if i != "d5"]  # order kept, poison left out
+    assert any(overlapped), "a chunk was embedded while the previous one was being written"
+    assert timings["write"] > 0 and timings["embed"] > 0
+
+
+def test_a_failed_write_is_raised_so_the_task_retries_the_batch() -> None:
+    def write(collection: str, **_: Any) -> None:
+        raise StoreUnavailableError("Chroma is unreachable")
+
+    with pytest.raises(StoreUnavailableError):
+        embed_and_write(FakeModel(2), "target", ["a", "b", "c"], ["x", "y", "z"], [{}] * 3, write)  # type: ignore[arg-type]
+
+
+def test_first_pass_prefixes_cover_scan_and_file_batches_only() -> None:
+    assert "s-0-1".startswith(FIRST_PASS_PREFIXES) and "f-3".startswith(FIRST_PASS_PREFIXES)
+    assert not "r1-64".startswith(FIRST_PASS_PREFIXES)
