@@ -63,8 +63,8 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
         counted = rng.sample(texts, TOKENIZE_SAMPLE)
         scale, token_note = len(texts) / TOKENIZE_SAMPLE, f"a random sample of {TOKENIZE_SAMPLE}, extrapolated"
     tokens = model.count_tokens(counted)
-    limit = model._model.max_seq_length  # noqa: SLF001 - the tokenizer's truncation point
-    over = sum(1 for t in tokens if t > limit)
+    limit = model.max_tokens
+    over = sum(1 for t in tokens if limit is not None and t > limit)
     measured = rng.sample(texts, min(sample, len(texts)))
     model.embed_documents(measured[:8])  # warm-up
     started = time.perf_counter()

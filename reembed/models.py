@@ -310,7 +310,15 @@ class LoadedModel:
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text with this model's tokenizer (before truncation)."""
         tokenizer = self._model.tokenizer
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        if callable(tokenizer):  # a transformers tokenizer
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        return [len(e.ids) for e in tokenizer.encode_batch(texts)]  # a bare `tokenizers` one (static models)
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Where the model truncates its input; None for models that read any length (static ones)."""
+        limit = getattr(self._model, "max_seq_length", None)
+        return int(limit) if isinstance(limit, int) and limit < 1_000_000 else None
 
     def check_probe(self, recorded: list[float] | None, what: str) -> None:
         """Refuse when this process's probe vector disagrees with the recorded one.

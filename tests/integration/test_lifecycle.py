@@ -54,7 +54,7 @@ def test_writes_during_migration_reach_the_target_and_cutover_catches_up(
                           for i in range(3)], only_new=True)
     with pytest.raises(InputError, match="already exist"):
         writer.upsert("sci", [Document("new-0", "again", {})], only_new=True)
-    first_ids = sorted(all_docs(chroma, source))[:4]
+    first_ids = sorted(all_docs(chroma, source))[:5]
     writer.upsert("sci", [Document(first_ids[0], "A changed abstract about zebrafish hearts", {"v": 2}),
                           Document(first_ids[1], "Another changed abstract", {"v": 2})])
     writer.delete("sci", first_ids[2:4])

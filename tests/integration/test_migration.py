@@ -120,7 +120,7 @@ def test_worker_killed_mid_migration_every_document_once(
         tmp_path: Path, chroma: ChromaServer, control: ControlPlane, start_workers: Callable[..., Workers]) -> None:
     # Given 300 documents ingested with a fast static model, migrating to MiniLM (slow) in small batches
     corpus = scifact_subset(tmp_path / "corpus.jsonl", 300)
-    first = start_workers(1, visibility_timeout_s=10)
+    first = start_workers(1, visibility_timeout_s=20)  # longer than a batch even on a busy machine
     ingest = control.ingest("kill", corpus, str(need(M2V_MINILM)), batch_size=100)
     control.wait(ingest.id, timeout=300)
     migration = control.migrate("kill", "all-MiniLM-L6-v2", batch_size=16)
@@ -134,7 +134,7 @@ def test_worker_killed_mid_migration_every_document_once(
     done_at_kill = control.status(migration.id)["done"]
     assert done_at_kill < 300, "the migration finished before the kill; the test proves nothing"
     # ... and another worker is started
-    start_workers(2, visibility_timeout_s=10)
+    start_workers(2, visibility_timeout_s=20)
     final = control.wait(migration.id, timeout=600)
     # Then the migration completes with every document exactly once
     assert final.state == MigrationState.LIVE, final.error

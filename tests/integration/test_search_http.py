@@ -54,7 +54,7 @@ def test_http_search_modes_limits_and_errors(
             assert body["mode"] == mode and body["degraded"] is None
             assert body["served_by"] | {"bm25_index": None} == {
                 "collection": live, "model": "all-MiniLM-L6-v2", "fingerprint": record.fingerprint,
-                "bm25_index": None}
+                "canary": False, "bm25_index": None}
             assert len(body["results"]) == 5 and body["results"][0]["id"] == "4983"
             assert body["results"][0]["metadata"] == {"source": "scifact", "position": 0}
             assert body["results"][0]["document"].startswith("Microstructural development")
