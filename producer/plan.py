@@ -86,7 +86,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
         "documents_truncated": int(over * scale),
         "throughput_sample": len(measured), "docs_per_s_per_worker": round(per_worker, 2),
         "workers": workers, "effective_workers": effective, "docs_per_s": round(rate, 2),
-        "estimated_wall_s": round(len(texts) / rate, 1),
+        "estimated_wall_s": round(len(texts) / rate, 3),
         "storage_vectors_bytes": vectors_bytes,
         "storage_overhead_bytes_per_document": round(overhead),
         "storage_total_bytes": int(vectors_bytes + overhead * len(texts)),
