@@ -78,9 +78,10 @@ def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, mig
     seconds (polling for room), so fast workers never wait for the next pump. Returns True when
     it should run again.
 
-    The scan reads a window of up to ``SORT_WINDOW_BATCHES`` batches, sorts it by length and
-    sends its batches as ``s-OFFSET-J``; the cursor moves past the window only after all of them
-    are sent, so a pump killed mid-window sends the same batches (same ids) again: harmless.
+    The scan reads a window of ``SORT_WINDOW_BATCHES`` batches (fewer if ``max_waiting`` is
+    smaller), sorts it by length and sends its batches as ``s-OFFSET-J``; the cursor moves past
+    the window only after all of them are sent, so a pump killed mid-window sends the same
+    batches (same ids) again: harmless.
     """
     progress = Progress(client, migration_id)
     deadline = time.monotonic() + keep_feeding_s
@@ -96,8 +97,11 @@ def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, mig
         if fields.get("enqueue_complete") == "1":
             return False
         room = max_waiting - (int(fields.get("enqueued_batches", 0)) - progress.batches_done())
-        if room > 0:
-            if _feed(app, store, client, progress, record, fields, room):
+        # A scan window is always the same size (so a window re-sent after a crash holds the same
+        # batches under the same ids) and is only sent whole, when there is room for all of it.
+        window = min(SORT_WINDOW_BATCHES, max_waiting) if fields.get("phase", "scan") == "scan" else 1
+        if room >= window:
+            if _feed(app, store, client, progress, record, fields, window):
                 return False
             continue
         if time.monotonic() >= deadline:
@@ -106,17 +110,17 @@ def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, mig
 
 
 def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, record: MigrationRecord,
-          fields: dict[str, str], room: int) -> bool:
-    """Send up to ``room`` batches. Returns True when everything has been enqueued."""
+          fields: dict[str, str], window: int) -> bool:
+    """Send the next window of ``window`` batches (scan) or one batch (catch-up). Returns True
+    when everything has been enqueued."""
     phase = fields.get("phase", "scan")
     cursor = int(fields.get("cursor", 0))
     sent = int(fields.get("enqueued_batches", 0))
     skipped = progress.skipped_ids()
     assert record.source_collection is not None
     if phase == "scan":
-        window = min(room, SORT_WINDOW_BATCHES) * record.batch_size
         started = time.perf_counter()
-        page = store.page(record.source_collection, cursor, window)
+        page = store.page(record.source_collection, cursor, window * record.batch_size)
         progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
         if page.ids:
             docs = _docs(page.ids, page.documents, page.metadatas, skipped)
