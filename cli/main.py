@@ -361,7 +361,7 @@ def history(settings: Settings, alias: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def retire(settings: Settings, alias: str, yes: bool, also_previous: str | None, as_json: bool) -> None:
-    """Delete ALIAS's collections that are neither live, canary, nor a running migration's target."""
+    """Delete ALIAS's collections that are not live, canary, or a running or complete migration's target."""
     def run() -> None:
         from producer import ControlPlane
 

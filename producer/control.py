@@ -289,7 +289,8 @@ class ControlPlane:
                 "previous_collection": current.previous_collection, "migrations": rows}
 
     def retire_candidates(self, alias: str) -> dict[str, Any]:
-        """Collections of ALIAS that could be deleted: neither live nor canary nor mid-migration.
+        """Collections of ALIAS that could be deleted: neither live, canary, mid-migration, nor a
+        complete target waiting for its cutover.
 
         The previous collection (what a rollback needs) is listed apart and only deleted by name.
         """
@@ -297,7 +298,7 @@ class ControlPlane:
         keep = {current.live_collection} | ({current.canary.collection} if current.canary else set())
         seen: set[str] = set()
         for record in self.registry.migrations(alias):
-            if record.state in ACTIVE_STATES:
+            if record.state in ACTIVE_STATES or record.state == MigrationState.COMPLETE:
                 keep |= {record.target_collection}
             seen |= {c for c in (record.source_collection, record.target_collection) if c}
         existing = {c for c in seen if self.store.exists(c)}
