@@ -154,20 +154,19 @@ class Settings:
 
 
 def _int(raw: Mapping[str, str], name: str, low: int, high: int) -> int:
-    try:
-        value = int(raw[name])
-    except ValueError:
-        raise ConfigError(f"REEMBED_{name}={raw[name]!r} is not an integer") from None
-    if not low <= value <= high:
-        raise ConfigError(f"REEMBED_{name}={value} is out of range: use {low}..{high}")
-    return value
+    return int(_bounded(raw, name, low, high, int, "an integer"))
 
 
 def _float(raw: Mapping[str, str], name: str, low: float, high: float) -> float:
+    return float(_bounded(raw, name, low, high, float, "a number"))
+
+
+def _bounded(raw: Mapping[str, str], name: str, low: float, high: float, kind: type, what: str) -> float:
+    """Parse ``REEMBED_<name>`` with ``kind`` and check it lies in ``low..high``."""
     try:
-        value = float(raw[name])
+        value = kind(raw[name])
     except ValueError:
-        raise ConfigError(f"REEMBED_{name}={raw[name]!r} is not a number") from None
+        raise ConfigError(f"REEMBED_{name}={raw[name]!r} is not {what}") from None
     if not low <= value <= high:
         raise ConfigError(f"REEMBED_{name}={value} is out of range: use {low}..{high}")
     return value

@@ -227,8 +227,7 @@ class Searcher:
             with self._lock:
                 self._aliases[alias.alias] = alias
             try:
-                self.keyword_index(alias)
-                self.indexes.refresh(alias.live_collection)
+                self.keyword_index(alias)  # also schedules its freshness check when one is due
                 self.model_for(self.collection_record(alias.live_collection))
                 if alias.canary is not None:
                     self.model_for(self.collection_record(alias.canary.collection))
