@@ -17,6 +17,7 @@ catch-up, and also how a migration is rebuilt after a Redis loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -27,7 +28,7 @@ from celery import Celery
 
 from reembed.documents import Document, content_hash, user_metadata
 from reembed.errors import CollectionNotFoundError, ReembedError
-from reembed.progress import Progress, alias_lock, redis_errors
+from reembed.progress import Progress, alias_lock, pump_lock_key, redis_errors
 from reembed.queue import TASK_BATCH, TASK_FINALIZE
 from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
 from reembed.store import Store
@@ -40,6 +41,8 @@ SORT_WINDOW_BATCHES = 8
 #: How long one pump task keeps feeding (polling for room every PUMP_POLL_S) before re-sending itself.
 PUMP_FEED_S = 5.0
 PUMP_POLL_S = 0.05
+#: Lifetime of a pump's lock: a pump SIGKILLed while holding it delays the next one by at most this.
+PUMP_LOCK_TTL_S = PUMP_FEED_S + 25
 
 
 def todo_key(migration_id: str) -> str:
@@ -73,7 +76,7 @@ def length_sorted_batches(docs: list[Document], batch_size: int) -> list[list[Do
 
 
 def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, migration_id: str,
-         max_waiting: int, keep_feeding_s: float = PUMP_FEED_S) -> bool:
+         max_waiting: int, keep_feeding_s: float = PUMP_FEED_S, lost_after_s: float = 1200.0) -> bool:
     """Send batches while fewer than ``max_waiting`` are in flight, for up to ``keep_feeding_s``
     seconds (polling for room), so fast workers never wait for the next pump. Returns True when
     it should run again.
@@ -82,10 +85,37 @@ def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, mig
     smaller), sorts it by length and sends its batches as ``s-OFFSET-J``; the cursor moves past
     the window only after all of them are sent, so a pump killed mid-window sends the same
     batches (same ids) again: harmless.
+
+    A batch sent more than ``lost_after_s`` ago and still unfinished is sent again (same id): the
+    broker can lose a message (Redis killed while a worker held it, a retry that could not be
+    published while Redis was down), and a lost batch would otherwise hold its backpressure slot
+    and stall the migration for ever. Twice the visibility timeout gives Celery's own redelivery
+    its chance first; a duplicate is harmless (batches are idempotent by id).
     """
     progress = Progress(client, migration_id)
+    # One pump at a time per migration: a pump redelivered after a crash and one sent by `resume`
+    # could otherwise read the same cursor and move it backwards. The one that finds the lock
+    # taken just tries again later (its chain must not end: the holder may have been killed).
+    lock = client.lock(pump_lock_key(migration_id), timeout=PUMP_LOCK_TTL_S, blocking=False)
+    with redis_errors("locking the pump"):
+        if not lock.acquire():
+            return True
+    try:
+        return _pump_locked(app, store, registry, progress, migration_id, max_waiting, keep_feeding_s,
+                            lost_after_s)
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            lock.release()
+
+
+def _pump_locked(app: Celery, store: Store, registry: Registry, progress: Progress, migration_id: str,
+                 max_waiting: int, keep_feeding_s: float, lost_after_s: float) -> bool:
+    client = progress.r
     deadline = time.monotonic() + keep_feeding_s
     record = None
+    if progress.state() == MigrationState.RUNNING.value:
+        record = registry.get_migration(migration_id)
+        resend_lost(app, store, progress, record, lost_after_s)
     while True:
         state = progress.state()
         if state == MigrationState.PAUSED.value:
@@ -125,8 +155,10 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
         if page.ids:
             docs = _docs(page.ids, page.documents, page.metadatas, skipped)
             batches = length_sorted_batches(docs, record.batch_size) if docs else [[]]
-            for j, batch in enumerate(batches):
-                send_batch(app, record.id, f"s-{cursor}-{j}", batch)
+            named = {f"s-{cursor}-{j}": batch for j, batch in enumerate(batches)}
+            progress.mark_in_flight({b: [d.id for d in batch] for b, batch in named.items()})
+            for batch_id, batch in named.items():
+                send_batch(app, record.id, batch_id, batch)
             progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(batches))
             return False
     else:
@@ -136,8 +168,9 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
             started = time.perf_counter()
             found = store.get(record.source_collection, ids)
             progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
-            send_batch(app, record.id, f"r{fields.get('round', 0)}-{cursor}",
-                       _docs(found.ids, found.documents, found.metadatas, skipped))
+            batch_id = f"r{fields.get('round', 0)}-{cursor}"
+            progress.mark_in_flight({batch_id: list(found.ids)})
+            send_batch(app, record.id, batch_id, _docs(found.ids, found.documents, found.metadatas, skipped))
             progress.set(cursor=cursor + len(ids), enqueued_batches=sent + 1)
             return False
     progress.set(total_batches=sent, enqueue_complete=1)
@@ -145,6 +178,22 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
     if progress.claim_finalize_if_done():
         app.send_task(TASK_FINALIZE, kwargs={"migration_id": record.id})
     return True
+
+
+def resend_lost(app: Celery, store: Store, progress: Progress, record: MigrationRecord, lost_after_s: float) -> int:
+    """Send again, under the same ids, the batches sent long ago and never finished."""
+    lost = progress.lost_batches(lost_after_s)
+    if not lost:
+        return 0
+    assert record.source_collection is not None
+    skipped = progress.skipped_ids()
+    for batch_id, ids in lost.items():
+        found = store.get(record.source_collection, ids)
+        progress.mark_in_flight({batch_id: ids})
+        send_batch(app, record.id, batch_id, _docs(found.ids, found.documents, found.metadatas, skipped))
+    log.warning("lost batches sent again", migration_id=record.id, alias=record.alias, batches=sorted(lost),
+                older_than_s=lost_after_s)
+    return len(lost)
 
 
 def diff(store: Store, record: MigrationRecord, exclude: set[str]) -> dict[str, Any]:

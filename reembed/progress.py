@@ -10,6 +10,7 @@ cannot be recomputed.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +49,15 @@ def deliveries_key(migration_id: str) -> str:
     return f"{PREFIX}:migration:{migration_id}:deliveries"
 
 
+def inflight_key(migration_id: str) -> str:
+    """Hash of batches sent and not yet finished: batch id -> {"ids": [...], "at": sent time}."""
+    return f"{PREFIX}:migration:{migration_id}:inflight"
+
+
+def pump_lock_key(migration_id: str) -> str:
+    return f"{PREFIX}:lock:pump:{migration_id}"
+
+
 def alias_lock_key(alias: str) -> str:
     return f"{PREFIX}:lock:alias:{alias}"
 
@@ -84,9 +94,10 @@ def redis_errors(what: str) -> Iterator[None]:
         raise QueueUnavailableError(f"Redis is unreachable during {what}: {exc}; is it running?") from exc
 
 
-# KEYS: progress hash, done set. ARGV: batch id, documents done.
+# KEYS: progress hash, done set, in-flight hash. ARGV: batch id, documents done.
 # Returns 1 exactly once: for the call that finishes the last batch after enqueueing ended.
 _RECORD_BATCH = """
+redis.call('HDEL', KEYS[3], ARGV[1])
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'done', tonumber(ARGV[2]))
 end
@@ -108,14 +119,16 @@ class Progress:
         self._record = client.register_script(_RECORD_BATCH)
 
     def exists(self) -> bool:
+        """True when ``init`` ran in this Redis. A straggling batch that finishes after Redis lost
+        its data may recreate a counter or two; only ``init`` writes ``started_at``."""
         with redis_errors("reading progress"):
-            return bool(self.r.exists(self.key))
+            return bool(self.r.hexists(self.key, "started_at"))
 
     def init(self, total: int, state: str, skipped: dict[str, str] | None = None) -> None:
         """Start from zero (or rebuild after a Redis loss)."""
         with redis_errors("initialising progress"):
             pipe = self.r.pipeline()
-            pipe.delete(self.key, done_batches_key(self.id), deliveries_key(self.id))
+            pipe.delete(self.key, done_batches_key(self.id), deliveries_key(self.id), inflight_key(self.id))
             pipe.hset(self.key, mapping={"total": total, "done": 0, "enqueued_batches": 0, "cursor": 0,
                                          "state": state, "started_at": time.time(), "round": 0})
             if skipped:
@@ -142,7 +155,29 @@ class Progress:
     def record_batch(self, batch_id: str, done: int) -> bool:
         """Count a finished batch once. Returns True for the one call that completes the migration."""
         with redis_errors("recording a batch"):
-            return bool(self._record(keys=[self.key, done_batches_key(self.id)], args=[batch_id, done]))
+            return bool(self._record(keys=[self.key, done_batches_key(self.id), inflight_key(self.id)],
+                                     args=[batch_id, done]))
+
+    def mark_in_flight(self, batch_ids: dict[str, list[str]]) -> None:
+        """Remember what each sent batch holds until it is recorded done (see ``lost_batches``)."""
+        now = time.time()
+        with redis_errors("recording batches in flight"):
+            self.r.hset(inflight_key(self.id), mapping={
+                b: json.dumps({"ids": ids, "at": now}) for b, ids in batch_ids.items()})
+
+    def lost_batches(self, older_than_s: float) -> dict[str, list[str]]:
+        """Batches sent more than ``older_than_s`` ago and never finished: their message was lost
+        (a broker that died with it, a retry that could not be published) or is stuck."""
+        with redis_errors("reading batches in flight"):
+            entries = self.r.hgetall(inflight_key(self.id))
+            done = self.r.smismember(done_batches_key(self.id), list(entries)) if entries else []
+        cutoff = time.time() - older_than_s
+        lost = {}
+        for (batch_id, raw), finished in zip(entries.items(), done, strict=True):
+            entry = json.loads(raw)
+            if not finished and entry["at"] < cutoff:
+                lost[batch_id] = entry["ids"]
+        return lost
 
     def batches_done(self) -> int:
         with redis_errors("reading progress"):
@@ -210,7 +245,7 @@ class Progress:
     def forget(self) -> None:
         with redis_errors("deleting progress"):
             self.r.delete(self.key, done_batches_key(self.id), failed_docs_key(self.id),
-                          skipped_docs_key(self.id), deliveries_key(self.id))
+                          skipped_docs_key(self.id), deliveries_key(self.id), inflight_key(self.id))
 
 
 @contextlib.contextmanager

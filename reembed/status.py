@@ -16,6 +16,9 @@ from reembed.registry import MigrationRecord, MigrationState
 FINAL_STATES = frozenset({MigrationState.COMPLETE, MigrationState.LIVE, MigrationState.CANCELLED,
                           MigrationState.FAILED, MigrationState.ROLLED_BACK})
 
+#: States whose progress must be in Redis; a record in one of them without it means Redis lost it.
+LOST_IF_NOT_IN_REDIS = frozenset({MigrationState.RUNNING, MigrationState.VERIFYING, MigrationState.PAUSED})
+
 
 def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, Any]:
     """Counts, rate and ETA of one migration.
@@ -41,5 +44,8 @@ def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, 
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
         "verified": record.verified, "cutover": record.cutover, "error": record.error,
         "failures": progress.failures(10) if live else {}, "progress_in_redis": live,
+        "hint": (f"Redis holds no progress for this {record.state.value} migration (it lost its data?): "
+                 f"run `reembed resume {record.id}` to finish it by diffing source and target")
+        if not live and record.state in LOST_IF_NOT_IN_REDIS else None,
     }
 

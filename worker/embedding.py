@@ -32,6 +32,8 @@ log = structlog.get_logger(__name__)
 #: Batch id prefixes of a first pass (``s-`` scan of a source collection, ``f-`` corpus file):
 #: their first delivery writes with ``add``.
 FIRST_PASS_PREFIXES = ("s-", "f-")
+#: States in which a batch is embedded and written.
+RUNNING_STATES = (MigrationState.RUNNING.value, MigrationState.VERIFYING.value)
 
 
 class PausedError(RetryableError):
@@ -81,13 +83,18 @@ _records: dict[str, MigrationRecord] = {}
 _probe_checked: set[str] = set()
 
 
-def migration_state(progress: Progress, registry: Registry, migration_id: str) -> tuple[str, MigrationRecord]:
-    """The state from Redis (fast path), falling back to the durable record."""
+def migration_state(progress: Progress, registry: Registry, migration_id: str,
+                    ) -> tuple[str, MigrationRecord, bool]:
+    """The state from Redis (fast path), falling back to the durable record.
+
+    Returns:
+        (state, record, whether Redis holds this migration's progress at all).
+    """
     state = progress.state()
     record = _records.get(migration_id)
     if record is None or state is None:
         record = _records[migration_id] = registry.get_migration(migration_id)
-    return state or record.state.value, record
+    return state or record.state.value, record, state is not None
 
 
 def reembed_batch(
@@ -113,10 +120,15 @@ def reembed_batch(
     started = time.perf_counter()
     progress = Progress(client, migration_id)
     outcome = BatchOutcome(batch_id)
-    state, record = migration_state(progress, registry, migration_id)
+    state, record, in_redis = migration_state(progress, registry, migration_id)
+    if state in RUNNING_STATES and not in_redis:
+        # Redis lost its data (restarted without persistence): counting this batch into empty
+        # progress would make half a record. Drop it; `reembed resume` diffs and re-feeds it.
+        outcome.dropped = f"progress of migration {migration_id} is gone from Redis; run `reembed resume {migration_id}`"
+        return outcome
     if state == MigrationState.PAUSED.value:
         raise PausedError(f"migration {migration_id} is paused")
-    if state not in (MigrationState.RUNNING.value, MigrationState.VERIFYING.value):
+    if state not in RUNNING_STATES:
         outcome.dropped = f"migration is {state}"
         return outcome
     # Counted on each delivery from the queue (not on Celery retries of the same delivery).
@@ -150,7 +162,7 @@ def reembed_batch(
     try:
         written, failed, timings = embed_and_write(model, record.target_collection, ids, documents, metadatas, write)
     except CollectionNotFoundError:
-        state, _ = migration_state(progress, registry, migration_id)
+        state, _, _ = migration_state(progress, registry, migration_id)
         if state == MigrationState.CANCELLED.value:
             outcome.dropped = "migration was cancelled"
             return outcome

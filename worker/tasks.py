@@ -63,7 +63,8 @@ def pump_task(self: Task, migration_id: str) -> None:
     try:
         again = pipeline.pump(app, context.store(), context.registry(), context.redis_conn(), migration_id,
                               context.settings().max_waiting_batches,
-                              keep_feeding_s=pipeline.PUMP_FEED_S if worker_app.control_only else 0.0)
+                              keep_feeding_s=pipeline.PUMP_FEED_S if worker_app.control_only else 0.0,
+                              lost_after_s=2.0 * context.settings().visibility_timeout_s)
     except RetryableError as exc:
         log.warning("pump will be retried", migration_id=migration_id, error=str(exc))
         context.reset()
