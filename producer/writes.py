@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from reembed.documents import Document, check_metadata, provenance
+from reembed.documents import Document, check_metadata, check_text, provenance
 from reembed.errors import InputError, ModelMismatchError, ReembedError
 from reembed.models import LoadedModel, load_model, resolve_model
 from reembed.progress import bump_writes, redis_client
@@ -126,3 +126,4 @@ def _check(documents: list[Document]) -> None:
         if not doc.text.strip():
             raise InputError(f"document {doc.id!r} has no text to embed")
         check_metadata(doc.id, doc.metadata, "write")
+        check_text(doc.id, doc.text, "write")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,30 @@ def provenance(model: LoadedModel, text: str, metadata: dict[str, Any] | None) -
     }
 
 
+#: The longest document accepted (characters). Models truncate long texts anyway (a recorded
+#: warning); this bound keeps one document from making a worker allocate without limit.
+MAX_DOCUMENT_CHARS = 4_000_000
+#: C0 control characters other than tab, newline and carriage return: never text, often a sign
+#: of a binary file or a broken export.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def check_text(doc_id: str, text: str, where: str) -> str:
+    """Refuse texts a model should not see: control characters, or too long to hold.
+
+    Raises:
+        InputError: naming the document, what is wrong and the fix.
+    """
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise InputError(f"{where}: document {doc_id!r} has {len(text):,} characters; the limit is "
+                         f"{MAX_DOCUMENT_CHARS:,} (split it into several documents)")
+    found = _CONTROL.search(text)
+    if found:
+        raise InputError(f"{where}: document {doc_id!r} contains control character U+{ord(found.group()):04X} at "
+                         f"position {found.start()}; remove control characters (tab, newline and CR are fine)")
+    return text
+
+
 def check_metadata(doc_id: str, metadata: Any, where: str) -> dict[str, Any]:
     """Keep only what Chroma stores: a flat mapping of str/int/float/bool values.
 
@@ -64,6 +89,12 @@ def check_metadata(doc_id: str, metadata: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise InputError(f"{where}: document {doc_id!r} has metadata of type {type(metadata).__name__}; use an object")
+    for key in metadata:
+        if not key or key.startswith("chroma:") or key in PROVENANCE_KEYS:
+            raise InputError(
+                f"{where}: document {doc_id!r} metadata key {key!r} is reserved or empty (reembed writes "
+                f"{', '.join(PROVENANCE_KEYS)}; Chroma reserves 'chroma:'); rename it"
+            )
     for key, value in metadata.items():
         if not isinstance(value, (str, int, float, bool)):
             raise InputError(
@@ -100,6 +131,7 @@ def read_corpus(path: Path) -> Iterator[Document]:
             if not isinstance(text, str) or not isinstance(title, str):
                 raise InputError(f"{where}: document {doc_id!r} has no 'text' string")
             joined = f"{title} {text}".strip() if title else text.strip()
+            check_text(str(doc_id), joined, where)
             yield Document(str(doc_id), joined, check_metadata(str(doc_id), obj.get("metadata"), where))
 
 

@@ -7,17 +7,44 @@ so every line of every process has one format: JSON lines off a terminal, consol
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from typing import Any
 
 import structlog
 
 from reembed.settings import Settings
 
 
+#: ``scheme://user:password@`` in any URL: the password is replaced.
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)", re.IGNORECASE)
+#: Celery prints a task's request, arguments included, in some messages ("Failed to cancel
+#: active request <Request: reembed.batch[...] () {'migration_id': ..., 'documents': [...]}>").
+_TASK_ARGUMENTS = re.compile(r"(\{'migration_id'|\(\) \{|'(?:documents|metadatas)': \[).*", re.DOTALL)
+
+
+class Redactor:
+    """A processor that keeps document text and credentials out of every log line."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        self.secrets = tuple(s for s in secrets if s)
+
+    def clean(self, text: str) -> str:
+        text = _URL_PASSWORD.sub(r"\1***\3", text)
+        text = _TASK_ARGUMENTS.sub("<task arguments not logged>", text)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        return {k: self.clean(v) if isinstance(v, str) else v for k, v in event.items()}
+
+
 def configure_logging(settings: Settings, stream: object = None) -> None:
     """Route structlog and stdlib logging through one renderer on stderr."""
     out = stream or sys.stderr
     as_json = settings.log_format == "json" or (settings.log_format == "auto" and not out.isatty())  # type: ignore[attr-defined]
+    redact = Redactor((settings.api_key,))
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -37,7 +64,7 @@ def configure_logging(settings: Settings, stream: object = None) -> None:
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info, renderer],
+                    structlog.processors.format_exc_info, redact, renderer],
     ))
     root = logging.getLogger()
     root.handlers[:] = [handler]

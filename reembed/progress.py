@@ -45,6 +45,11 @@ def skipped_docs_key(migration_id: str) -> str:
     return f"{PREFIX}:migration:{migration_id}:skipped"
 
 
+def truncated_docs_key(migration_id: str) -> str:
+    """Hash of documents longer than the model reads: id -> their token count."""
+    return f"{PREFIX}:migration:{migration_id}:truncated"
+
+
 def deliveries_key(migration_id: str) -> str:
     return f"{PREFIX}:migration:{migration_id}:deliveries"
 
@@ -220,6 +225,18 @@ class Progress:
             with redis_errors("recording failed documents"):
                 self.r.hset(failed_docs_key(self.id), mapping=reasons)
 
+    def record_truncated(self, tokens: dict[str, int]) -> None:
+        if tokens:
+            with redis_errors("recording truncated documents"):
+                self.r.hset(truncated_docs_key(self.id), mapping=tokens)
+
+    def truncated(self, limit: int = 10) -> tuple[int, dict[str, int]]:
+        """How many documents were truncated by the model, and a few of them with their length."""
+        with redis_errors("reading truncated documents"):
+            count = int(self.r.hlen(truncated_docs_key(self.id)))
+            _, found = self.r.hscan(truncated_docs_key(self.id), count=limit)
+        return count, {k: int(v) for k, v in list(found.items())[:limit]}
+
     def failures(self, limit: int = 20) -> dict[str, str]:
         with redis_errors("reading failed documents"):
             cursor, found = self.r.hscan(failed_docs_key(self.id), count=limit)
@@ -245,7 +262,8 @@ class Progress:
     def forget(self) -> None:
         with redis_errors("deleting progress"):
             self.r.delete(self.key, done_batches_key(self.id), failed_docs_key(self.id),
-                          skipped_docs_key(self.id), deliveries_key(self.id), inflight_key(self.id))
+                          skipped_docs_key(self.id), deliveries_key(self.id), inflight_key(self.id),
+                          truncated_docs_key(self.id))
 
 
 @contextlib.contextmanager

@@ -44,8 +44,15 @@ def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, 
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
         "verified": record.verified, "cutover": record.cutover, "error": record.error,
         "failures": progress.failures(10) if live else {}, "progress_in_redis": live,
+        **_truncation(progress, live),
         "hint": (f"Redis holds no progress for this {record.state.value} migration (it lost its data?): "
                  f"run `reembed resume {record.id}` to finish it by diffing source and target")
         if not live and record.state in LOST_IF_NOT_IN_REDIS else None,
     }
 
+
+
+def _truncation(progress: Progress, live: bool) -> dict[str, Any]:
+    """Documents the model read only in part (it truncates past its maximum sequence length)."""
+    count, sample = progress.truncated() if live else (0, {})
+    return {"truncated": count, "truncated_tokens": sample}

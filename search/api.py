@@ -23,7 +23,8 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from pydantic import BaseModel, Field, StringConstraints
 
 from reembed.errors import (
     AliasNotFoundError,
@@ -46,9 +47,16 @@ MAX_BATCH_QUERIES = 100
 _bearer = HTTPBearer(auto_error=False)
 
 
+#: The largest request body accepted: a full batch of the longest queries, UTF-8, with room for JSON.
+MAX_BODY_BYTES = MAX_BATCH_QUERIES * MAX_QUERY_CHARS * 4 + 64 * 1024
+
+QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]
+
+
 class SearchRequest(BaseModel):
     alias: str = Field(min_length=1, max_length=512)
-    q: str | list[str] = Field(description=f"one query, or up to {MAX_BATCH_QUERIES} queries")
+    q: QueryText | Annotated[list[QueryText], Field(min_length=1, max_length=MAX_BATCH_QUERIES)] = Field(
+        description=f"one query, or up to {MAX_BATCH_QUERIES} queries")
     k: int = Field(10, ge=1, le=MAX_K)
     mode: Mode = "hybrid"
     key: str | None = Field(None, max_length=256, description="client key for canary routing")
@@ -100,6 +108,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     app = FastAPI(title="reembed search", version="1", lifespan=lifespan,
                   description="Hybrid BM25 + semantic search by alias, always served by the alias's live "
                               "collection with that collection's own embedding model.")
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if not settings.api_key:
             return
@@ -149,8 +158,6 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     def search_post(body: SearchRequest) -> SearchResponse | BatchSearchResponse:
         if isinstance(body.q, str):
             return _searcher().search(body.alias, body.q, body.k, body.mode, client_key=body.key)
-        if not 1 <= len(body.q) <= MAX_BATCH_QUERIES:
-            raise InputError(f"send 1..{MAX_BATCH_QUERIES} queries in one request (got {len(body.q)})")
         return BatchSearchResponse(responses=[_searcher().search(body.alias, q, body.k, body.mode, client_key=body.key)
                                               for q in body.q])
 
@@ -183,3 +190,57 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
 
 class _Unauthorised(Exception):
     """Raised by the API-key check; rendered as 401 without detail about the key."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` (413) before anything parses them, whether the
+    client declares a Content-Length or streams chunks: no request can make the service
+    allocate without limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes; send fewer or shorter "
+                                           "queries"}, status_code=413)
+        await response(scope={"type": "http"}, receive=_no_body, send=send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}

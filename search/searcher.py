@@ -17,13 +17,15 @@ import threading
 import time
 from collections.abc import Mapping
 
+import numpy as np
+
 from reembed.documents import user_metadata
 from reembed.errors import InputError, ModelMismatchError, ReembedError, StoreUnavailableError
 from reembed.models import LoadedModel, load_model, resolve_model
 from reembed.progress import read_writes, redis_client
 from reembed.registry import AliasRecord, CollectionRecord, Registry
 from reembed.settings import Settings
-from reembed.store import Store
+from reembed.store import Page, Store
 from search.bm25 import Bm25Index, KeywordHit
 from search.fusion import reciprocal_rank_fusion
 from search.indexes import IndexManager
@@ -165,12 +167,16 @@ class Searcher:
                 if degraded:
                     raise StoreUnavailableError(degraded)
                 model = self.model_for(record)
-                page = self.store.query(live, model.embed_queries([query])[0], depth)
+                vector = model.embed_queries([query])[0]
+                # A query with no token the model knows (control characters only, for a static
+                # model) embeds to NaN: it has no semantic neighbours, which is not an error.
+                page = self.store.query(live, vector, depth) if np.all(np.isfinite(vector)) else None
             except StoreUnavailableError as exc:
                 if mode == "semantic":
                     raise
                 answered, degraded = "keyword", f"semantic retrieval unavailable ({exc}); answered by BM25 only"
             else:
+                page = page or Page(ids=[], documents=[], metadatas=[])
                 distances = page.distances if page.distances is not None else []
                 for doc_id, doc, meta, dist in zip(page.ids, page.documents, page.metadatas, distances, strict=True):
                     semantic_ids.append(doc_id)

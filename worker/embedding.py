@@ -168,12 +168,31 @@ def reembed_batch(
             return outcome
         raise
     tail = time.perf_counter()
+    truncated = truncated_tokens(model, ids, documents)
+    if truncated:
+        progress.record_truncated(truncated)
+        log.warning("documents truncated by the model", migration_id=migration_id, batch=batch_id,
+                    max_tokens=model.max_tokens, ids=sorted(truncated)[:10], count=len(truncated))
     outcome.written = written
     outcome.failed = failed
     progress.record_failures(failed)
     outcome.finished_migration = progress.record_batch(batch_id, written)
     progress.add_timings({**timings, "bookkeeping": book + time.perf_counter() - tail})
     return outcome
+
+
+def truncated_tokens(model: LoadedModel, ids: list[str], texts: list[str]) -> dict[str, int]:
+    """Documents longer than the model reads, with their token count. A character is at most
+    four UTF-8 bytes and a byte-level tokenizer makes at most one token per byte, so only texts
+    longer than a quarter of the limit can exceed it: the tokenizer runs on those alone."""
+    limit = model.max_tokens
+    if limit is None:
+        return {}
+    long = [i for i, t in enumerate(texts) if 4 * len(t) > limit - 2]
+    if not long:
+        return {}
+    counts = model.count_tokens([texts[i] for i in long])
+    return {ids[i]: n for i, n in zip(long, counts, strict=True) if n > limit}
 
 
 def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documents: list[str],

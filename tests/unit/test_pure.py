@@ -112,3 +112,31 @@ def test_readme_settings_table_is_generated_from_fields() -> None:
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert settings_table() in readme, "regenerate README's table with reembed.settings.settings_table()"
+
+
+def test_log_redactor_drops_task_arguments_passwords_and_the_api_key() -> None:
+    from reembed.logs import Redactor
+
+    redact = Redactor(("api-key-123",))
+    celery_line = ("Failed to cancel active request <Request: reembed.batch[202a] () {'migration_id': 'm1', "
+                   "'batch_id': 's-0-1', 'ids': ['1'], 'documents': ['a private text']}>")
+    assert "private" not in redact.clean(celery_line) and "reembed.batch[202a]" in redact.clean(celery_line)
+    assert redact.clean("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redact.clean("rediss://user:pw@host/1 and key api-key-123") == "rediss://user:***@host/1 and key ***"
+    assert redact.clean("Task reembed.batch[abc] received") == "Task reembed.batch[abc] received"
+    event = redact(None, "info", {"event": "x", "url": "http://u:p@h", "n": 3})
+    assert event == {"event": "x", "url": "http://u:***@h", "n": 3}
+
+
+def test_text_and_metadata_checks_name_the_document_and_the_fix() -> None:
+    from reembed.documents import MAX_DOCUMENT_CHARS, check_metadata, check_text
+
+    assert check_text("a", "tab\tnewline\nok", "f:1") == "tab\tnewline\nok"
+    for bad, needle in (("nul\x00", "U\\+0000"), ("bell\x07", "U\\+0007"), ("x" * (MAX_DOCUMENT_CHARS + 1), "limit")):
+        with pytest.raises(InputError, match=needle):
+            check_text("doc-1", bad, "f:1")
+    for meta, needle in (({"": 1}, "reserved or empty"), ({"chroma:document": "x"}, "reserved"),
+                         ({"content_hash": "x"}, "reserved"), ({"k": None}, "NoneType"),
+                         ({"k": {"nested": 1}}, "dict"), ({"k": [1, 2]}, "list")):
+        with pytest.raises(InputError, match=needle):
+            check_metadata("doc-1", meta, "f:1")
