@@ -191,15 +191,30 @@ def migrate(settings: Settings, alias: str, to_model: str, batch_size: int | Non
 
 @main.command()
 @click.argument("target", required=False)
+@click.option("--watch", "watching", is_flag=True,
+              help="Redraw a progress bar per running migration until all have ended (Ctrl-C stops).")
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True,
+              help="Seconds between two refreshes of --watch.")
 @json_option
 @click.pass_obj
-def status(settings: Settings, target: str | None, as_json: bool) -> None:
+def status(settings: Settings, target: str | None, watching: bool, interval: float, as_json: bool) -> None:
     """Alias and latest migration progress (TARGET is an alias or a migration id); all aliases without one."""
     def run() -> None:
         from producer import ControlPlane
 
         with stack(settings, 0) as local:
             cp = ControlPlane(local.settings)
+            if watching:
+                from cli.watch import watch
+
+                def read() -> list[dict[str, Any]]:
+                    if target:
+                        return [cp.status(target)]
+                    return [cp.status(a.alias) for a in cp.registry.aliases()]
+
+                with contextlib.suppress(KeyboardInterrupt):
+                    watch(read, sys.stdout, interval)
+                return
             if target:
                 _emit(as_json, cp.status(target))
             else:
@@ -455,7 +470,7 @@ def search(settings: Settings, alias: str, query: str, k: int, mode: str, as_jso
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.pass_obj
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Serve GET/POST /search, /aliases, /healthz over HTTP (OpenAPI at /docs)."""
+    """Serve GET/POST /search, /aliases, /healthz and Prometheus /metrics over HTTP (OpenAPI at /docs)."""
     def run() -> None:
         import uvicorn
 

@@ -86,7 +86,7 @@ class ControlPlane:
             return sent
         while sent - progress.batches_done() >= self.settings.max_waiting_batches:
             time.sleep(POLL_S)
-        pipeline.send_batch(self.app, record.id, f"f-{index}", batch)
+        pipeline.send_batch(self.app, record.id, f"f-{index}", batch, record.alias)
         progress.set(cursor=index + 1, enqueued_batches=index + 1)
         return index + 1
 

@@ -49,9 +49,10 @@ def todo_key(migration_id: str) -> str:
     return f"reembed:migration:{migration_id}:todo"
 
 
-def send_batch(app: Celery, migration_id: str, batch_id: str, docs: list[Document]) -> None:
+def send_batch(app: Celery, migration_id: str, batch_id: str, docs: list[Document], alias: str | None = None) -> None:
     app.send_task(TASK_BATCH, kwargs={
         "migration_id": migration_id,
+        "alias": alias,
         "batch_id": batch_id,
         "ids": [d.id for d in docs],
         "documents": [d.text for d in docs],
@@ -158,7 +159,7 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
             named = {f"s-{cursor}-{j}": batch for j, batch in enumerate(batches)}
             progress.mark_in_flight({b: [d.id for d in batch] for b, batch in named.items()})
             for batch_id, batch in named.items():
-                send_batch(app, record.id, batch_id, batch)
+                send_batch(app, record.id, batch_id, batch, record.alias)
             progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(batches))
             return False
     else:
@@ -170,7 +171,8 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
             progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
             batch_id = f"r{fields.get('round', 0)}-{cursor}"
             progress.mark_in_flight({batch_id: list(found.ids)})
-            send_batch(app, record.id, batch_id, _docs(found.ids, found.documents, found.metadatas, skipped))
+            send_batch(app, record.id, batch_id, _docs(found.ids, found.documents, found.metadatas, skipped),
+                       record.alias)
             progress.set(cursor=cursor + len(ids), enqueued_batches=sent + 1)
             return False
     progress.set(total_batches=sent, enqueue_complete=1)
@@ -190,7 +192,8 @@ def resend_lost(app: Celery, store: Store, progress: Progress, record: Migration
     for batch_id, ids in lost.items():
         found = store.get(record.source_collection, ids)
         progress.mark_in_flight({batch_id: ids})
-        send_batch(app, record.id, batch_id, _docs(found.ids, found.documents, found.metadatas, skipped))
+        send_batch(app, record.id, batch_id, _docs(found.ids, found.documents, found.metadatas, skipped),
+                       record.alias)
     log.warning("lost batches sent again", migration_id=record.id, alias=record.alias, batches=sorted(lost),
                 older_than_s=lost_after_s)
     return len(lost)

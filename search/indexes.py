@@ -17,7 +17,6 @@ Layout: ``DATA_DIR/bm25/<collection>/CURRENT`` names ``<collection>/<build-dir>/
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import threading
@@ -26,11 +25,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import structlog
+
 from reembed.errors import ReembedError, StoreError
 from reembed.store import Store
 from search.bm25 import Bm25Index, IndexSignature
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _POINTER = "CURRENT"
 
@@ -128,7 +129,7 @@ class IndexManager:
             future.set_result(self.rebuild(collection))
         except Exception as exc:  # noqa: BLE001 - recorded and surfaced by /aliases; the old index keeps serving
             self.last_error[collection] = str(exc)
-            log.warning("bm25 rebuild of %s failed: %s", collection, exc)
+            log.warning("bm25 rebuild failed", collection=collection, error=str(exc))
             future.set_result(None)
 
     def rebuild(self, collection: str) -> Bm25Index:
@@ -146,7 +147,7 @@ class IndexManager:
         with self._lock:
             self._indexes[collection] = index
         self.last_error.pop(collection, None)
-        log.info("bm25 index of %s built: %d documents", collection, len(index))
+        log.info("bm25 index built", collection=collection, documents=len(index))
         return index
 
     def forget(self, collection: str) -> None:
@@ -177,7 +178,7 @@ class IndexManager:
             except FileNotFoundError:
                 return None
             except StoreError as exc:
-                log.warning("%s", exc)
+                log.warning("bm25 index not refreshed", error=str(exc))
                 continue
             return index if index.signature.collection == collection else None
         return None

@@ -9,7 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, setup_logging, worker_process_init, worker_ready
+import structlog
+from celery.signals import (
+    celeryd_after_setup,
+    setup_logging,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+)
 
 from reembed.logs import configure_logging
 from reembed.queue import QUEUE_CONTROL, celery_config
@@ -47,17 +54,28 @@ def _limit_threads(**_: Any) -> None:
         from worker import context
 
         model = context.model(settings.preload_model)
-        import structlog
-
         structlog.get_logger(__name__).info(
             "model loaded", model=model.spec.name, fingerprint=model.fingerprint, device=model.device,
             embed_batch_size=model.batch_size, dimension=model.dimension, torch_threads=settings.torch_threads)
 
 
+@task_prerun.connect
+def _bind_task_context(task_id: str | None = None, task: Any = None, kwargs: dict[str, Any] | None = None,
+                       **_: Any) -> None:
+    """Bind the migration, alias, batch and worker to every log line the task makes, Celery's own
+    "succeeded" line included (the next task's binding replaces this one)."""
+    kwargs = kwargs or {}
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**{
+        k: v for k, v in (("migration_id", kwargs.get("migration_id")), ("alias", kwargs.get("alias")),
+                          ("batch", kwargs.get("batch_id")),
+                          ("worker", getattr(getattr(task, "request", None), "hostname", None)),
+                          ("task", getattr(task, "name", None)))
+        if v is not None})
+
+
 @worker_ready.connect
 def _announce(sender: Any = None, **_: Any) -> None:
-    import structlog
-
     structlog.get_logger(__name__).info(
         "worker ready", worker=getattr(sender, "hostname", None), device=settings.device,
         batch_size=settings.batch_size, visibility_timeout_s=settings.visibility_timeout_s,

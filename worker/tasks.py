@@ -31,9 +31,8 @@ PAUSED_RETRY_S = 5
 @app.task(name=TASK_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True,
           max_retries=20, retry_backoff=True, retry_backoff_max=60)
 def batch_task(self: Task, migration_id: str, batch_id: str, ids: list[str], documents: list[str],
-               metadatas: list[dict[str, Any]]) -> dict[str, Any]:
-    """Re-embed one batch into the migration's target collection."""
-    bound = log.bind(migration_id=migration_id, batch=batch_id, worker=self.request.hostname)
+               metadatas: list[dict[str, Any]], alias: str | None = None) -> dict[str, Any]:
+    """Re-embed one batch into the migration's target collection (``alias`` is for the logs)."""
     try:
         outcome = reembed_batch(
             migration_id=migration_id, batch_id=batch_id, ids=ids, documents=documents, metadatas=metadatas,
@@ -43,15 +42,15 @@ def batch_task(self: Task, migration_id: str, batch_id: str, ids: list[str], doc
     except PausedError as exc:
         raise self.retry(exc=exc, countdown=PAUSED_RETRY_S, max_retries=None) from None
     except RetryableError as exc:
-        bound.warning("batch will be retried", error=str(exc), attempt=self.request.retries + 1)
+        log.warning("batch will be retried", error=str(exc), attempt=self.request.retries + 1)
         context.reset()
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from None
     if outcome.dropped:
-        bound.info("batch dropped", reason=outcome.dropped)
+        log.info("batch dropped", reason=outcome.dropped)
     else:
-        bound.info("batch done", written=outcome.written, failed=len(outcome.failed))
+        log.info("batch done", written=outcome.written, failed=len(outcome.failed))
     for doc_id, reason in outcome.failed.items():
-        bound.error("document failed", id=doc_id, reason=reason)
+        log.error("document failed", id=doc_id, reason=reason)
     if outcome.finished_migration:
         app.send_task(TASK_FINALIZE, kwargs={"migration_id": migration_id})
     return {"batch_id": batch_id, "written": outcome.written, "failed": len(outcome.failed)}
