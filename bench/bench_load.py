@@ -1,8 +1,8 @@
 """Load test: the HTTP search under steady load while a migration runs, then cuts over.
 
-`reembed serve` runs as its own process (as deployed); an asyncio client keeps CONCURRENCY
-requests in flight for at least --seconds and until the migration is live, cycling through the
-SciFact test queries in a mix of modes. Every answer's ``served_by`` is checked against the
+`reembed serve` runs as its own process (as deployed); an open-loop asyncio client sends --rate
+queries per second for at least --seconds and until the migration is live (+10 s), cycling
+through the SciFact test queries in a mix of modes. Every answer's ``served_by`` is checked against the
 registry record of the collection it names (model and fingerprint): a mixed-model answer, or an
 answer from the old collection after the cutover was seen, counts as a violation.
 
@@ -41,43 +41,58 @@ from reembed.settings import Settings  # noqa: E402
 RELIABILITY = ROOT / "RELIABILITY.md"
 TITLE = "Load: HTTP search during a migration"
 MODES = ("hybrid",) * 6 + ("keyword",) * 3 + ("semantic",)
-CONCURRENCY = 8
+#: Queries per second sent, whatever the answers do; and the most requests outstanding at once.
+RATE = 40.0
+MAX_IN_FLIGHT = 64
 
 
 async def load(url: str, texts: list[str], stop: asyncio.Event, records: dict[str, tuple[str, str]],
-               alias_state: dict[str, Any]) -> dict[str, Any]:
-    """Keep CONCURRENCY requests in flight until ``stop``; check every answer as it comes."""
+               alias_state: dict[str, Any], rate: float) -> dict[str, Any]:
+    """Send ``rate`` queries per second (open loop: the schedule does not wait for answers, as
+    real clients don't) until ``stop``, at most MAX_IN_FLIGHT at once; check every answer.
+    Latency runs from the scheduled send time, so a stalled server cannot hide its backlog."""
     took: dict[str, list[float]] = {m: [] for m in set(MODES)}
     errors: Counter[str] = Counter()
     served: Counter[str] = Counter()
     violations: list[str] = []
-    counter = iter(range(10**9))
+    gate = asyncio.Semaphore(MAX_IN_FLIGHT)
 
-    async def one_client(client: httpx.AsyncClient) -> None:
-        while not stop.is_set():
-            i = next(counter)
-            mode, text = MODES[i % len(MODES)], texts[i % len(texts)]
-            sent_at = time.monotonic()
+    async def one(client: httpx.AsyncClient, i: int, scheduled: float) -> None:
+        mode, text = MODES[i % len(MODES)], texts[i % len(texts)]
+        async with gate:
             try:
                 response = await client.get("/search", params={"alias": "scifact", "q": text, "mode": mode})
             except httpx.HTTPError as exc:
                 errors[type(exc).__name__] += 1
-                continue
-            took[mode].append((time.monotonic() - sent_at) * 1000)
-            if response.status_code != 200:
-                errors[str(response.status_code)] += 1
-                continue
-            by = response.json()["served_by"]
-            served[by["collection"]] += 1
-            expected = records.get(by["collection"])
-            if expected is None or (by["model"], by["fingerprint"]) != expected:
-                violations.append(f"{by['collection']} answered as {by['model']}/{by['fingerprint']}")
-            cut = alias_state.get("cutover_seen_at")
-            if cut is not None and sent_at > cut + 1.0 and by["collection"] != alias_state["live"]:
-                violations.append(f"old collection {by['collection']} served {sent_at - cut:.1f} s after cutover")
+                return
+        took[mode].append((time.monotonic() - scheduled) * 1000)
+        if response.status_code != 200:
+            errors[str(response.status_code)] += 1
+            return
+        by = response.json()["served_by"]
+        served[by["collection"]] += 1
+        expected = records.get(by["collection"])
+        if expected is None or (by["model"], by["fingerprint"]) != expected:
+            violations.append(f"{by['collection']} answered as {by['model']}/{by['fingerprint']}")
+        cut = alias_state.get("cutover_seen_at")
+        if cut is not None and scheduled > cut + 1.0 and by["collection"] != alias_state["live"]:
+            violations.append(f"old collection {by['collection']} served {scheduled - cut:.1f} s after cutover")
 
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        await asyncio.gather(*(one_client(client) for _ in range(CONCURRENCY)))
+    limits = httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        started = time.monotonic()
+        pending: set[asyncio.Task[None]] = set()
+        i = 0
+        while not stop.is_set():
+            scheduled = started + i / rate
+            delay = scheduled - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(client, i, scheduled))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+        await asyncio.gather(*pending)
     return {"took": took, "errors": dict(errors), "served": dict(served), "violations": violations}
 
 
@@ -106,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=300, help="minimum load duration")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--to", default="all-MiniLM-L6-v2", help="the migration's target model")
+    parser.add_argument("--rate", type=float, default=RATE, help="queries per second (open loop)")
     args = parser.parse_args()
     work = ROOT / ".reembed" / "bench-load"
     shutil.rmtree(work, ignore_errors=True)
@@ -141,7 +157,7 @@ def main() -> None:
 
             async def run() -> tuple[dict[str, Any], dict[str, Any]]:
                 stop = asyncio.Event()
-                results = await asyncio.gather(load(url, texts, stop, records, alias_state),
+                results = await asyncio.gather(load(url, texts, stop, records, alias_state, args.rate),
                                                watch(control, migration.id, source.name, stop, args.seconds,
                                                      records, alias_state))
                 return results[0], results[1]
@@ -167,15 +183,16 @@ def report(result: dict[str, Any], timing: dict[str, Any], status: dict[str, Any
                          "p99_ms": round(percentile(v, 99), 1)} for m, v in sorted(result["took"].items())},
         "migration": {"to": args.to, "documents": status["done"], "seconds_to_live": round(timing["migration_s"], 1),
                       "docs_per_s": round(status["done"] / timing["migration_s"], 1), "workers": args.workers},
-        "concurrency": CONCURRENCY,
+        "rate_sent_qps": args.rate, "max_in_flight": MAX_IN_FLIGHT,
     }
     out = ROOT / "bench" / "results" / "load.json"
     out.write_text(json.dumps(figures, indent=1) + "\n")
     rows = "\n".join(f"| {m} | {f['n']:,} | {f['p50_ms']} | {f['p95_ms']} | {f['p99_ms']} |"
                      for m, f in figures["per_mode"].items())
     body = f"""`.venv/bin/python bench/bench_load.py` (raw figures: `bench/results/load.json`). `reembed serve` as its
-own process on loopback; {CONCURRENCY} concurrent HTTP clients (asyncio + httpx) cycling the 300 SciFact test
-queries, 60% hybrid / 30% keyword / 10% semantic, for {figures['seconds']} s, while SciFact's
+own process on loopback; an open-loop asyncio + httpx client sending {args.rate:g} queries/s (at most {MAX_IN_FLIGHT} in
+flight; latency counted from the scheduled send time) cycling the 300 SciFact test queries, 60% hybrid /
+30% keyword / 10% semantic, for {figures['seconds']} s, while SciFact's
 {figures['migration']['documents']:,} documents migrated from the m2v MiniLM static model to {args.to} on
 {args.workers} worker processes ({figures['migration']['docs_per_s']} docs/s, live after
 {figures['migration']['seconds_to_live']} s), then 10 s more after the cutover. All on the same 2 cores.

@@ -298,11 +298,13 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int, sample: in
               help="Queries to make from the corpus when no files are given.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write report.md, report.json and metrics.png here.")
+@click.option("--here", is_flag=True,
+              help="Embed the sample in this process instead of on the workers (their GPUs when they have them).")
 @json_option
 @click.pass_obj
 def evaluate(settings: Settings, alias: str, to_model: str, queries: Path | None, qrels: Path | None,
              sample: int | None, k: int, min_gain: float, tolerance: float, compare: str, synthetic: int,
-             report_dir: Path | None, as_json: bool) -> None:
+             report_dir: Path | None, here: bool, as_json: bool) -> None:
     """Score old model, new model, BM25 and hybrid on ALIAS; exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE."""
     from producer.evaluate import Evaluator, write_report
     from reembed.evaluation import VERDICT_EXIT
@@ -310,9 +312,9 @@ def evaluate(settings: Settings, alias: str, to_model: str, queries: Path | None
     outcome: dict[str, Any] = {}
 
     def run() -> None:
-        with stack(settings, 0) as local:
-            report = Evaluator(local.settings).run(alias, to_model, queries, qrels, sample, k, min_gain, tolerance,
-                                                   synthetic, compare)
+        with stack(settings, None if not here else 0) as local:
+            report = Evaluator(local.settings, on_workers=not here).run(
+                alias, to_model, queries, qrels, sample, k, min_gain, tolerance, synthetic, compare)
         if report_dir is not None:
             report["files"] = [str(p) for p in write_report(report, report_dir)]
         d = report["difference"]

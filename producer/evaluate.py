@@ -4,13 +4,15 @@ Systems scored: the old model, the new model, BM25, and hybrid (RRF of BM25 with
 The old side uses the vectors the live collection already stores; the new side uses the target
 of a complete migration to the new model when there is one (so `migrate --cutover manual`, then
 `evaluate`, then `canary`, then `cutover` costs no extra embedding), and otherwise embeds the
-sample here. Retrieval over the sample is exact (brute-force cosine), so a sample of a large
+sample on the workers (their GPUs when they have them; ``on_workers=False`` embeds in this
+process). Retrieval over the sample is exact (brute-force cosine), so a sample of a large
 collection is evaluated without touching the rest of it.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 import structlog
 
 from reembed import evaluation as ev
-from reembed.errors import InputError
+from reembed.errors import InputError, ModelMismatchError, QueueUnavailableError
 from reembed.metrics import METRICS, mean_scores, per_query, read_qrels, read_queries
 from reembed.models import LoadedModel, load_model, resolve_model
 from reembed.registry import MigrationRecord, MigrationState, Registry
@@ -33,11 +35,47 @@ DEPTH = 100
 SYSTEMS = ("old", "new", "bm25", "hybrid-old", "hybrid-new")
 
 
+#: Documents per embedding task sent to the workers.
+EMBED_CHUNK = 256
+#: How long to wait for the workers to embed one chunk before saying none is running.
+EMBED_TIMEOUT_S = 600
+
+
 class Evaluator:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_workers: bool = False) -> None:
         self.settings = settings
         self.store = Store(settings.chroma_url)
         self.registry = Registry(self.store)
+        self.on_workers = on_workers
+
+    def _embed_documents(self, model: LoadedModel, texts: list[str]) -> tuple[np.ndarray, str]:
+        """The documents' vectors, embedded on the workers or here; and where that happened."""
+        if not self.on_workers:
+            return model.embed_documents(texts), "embedded here"
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        from reembed.queue import TASK_EMBED, client_app
+        from reembed.vectors import decode_vectors
+
+        app = client_app(self.settings)
+        pending = [app.send_task(TASK_EMBED, kwargs={"model": model.spec.name, "texts": texts[i:i + EMBED_CHUNK]})
+                   for i in range(0, len(texts), EMBED_CHUNK)]
+        parts, devices = [], set()
+        for result in pending:
+            try:
+                payload = result.get(timeout=EMBED_TIMEOUT_S)
+            except CeleryTimeout as exc:
+                raise QueueUnavailableError(
+                    f"no worker embedded the evaluation sample within {EMBED_TIMEOUT_S} s; start workers "
+                    "(`reembed worker`) or pass --here to embed in this process") from exc
+            if payload["fingerprint"] != model.fingerprint:
+                raise ModelMismatchError(
+                    f"a worker's {model.spec.name!r} has fingerprint {payload['fingerprint']}, this process "
+                    f"{model.fingerprint}; install the same weights on every worker")
+            parts.append(decode_vectors(payload))
+            devices.add(payload["device"])
+            result.forget()
+        return np.concatenate(parts), f"embedded on the workers ({', '.join(sorted(devices))})"
 
     def _model(self, name: str) -> LoadedModel:
         s = self.settings
@@ -50,6 +88,38 @@ class Evaluator:
                     and self.store.exists(record.target_collection)):
                 return record
         return None
+
+    def _documents(self, collection: str, sample: int | None, judged: set[str]) -> dict[str, str]:
+        """id -> text of the documents to evaluate on: all of them, or with ``sample`` the judged
+        ones present plus a uniform random sample of the rest (reservoir sampling over an ids-only
+        scan), so a 10-million-document collection never has its texts in memory at once."""
+        if sample is None:
+            docs: dict[str, str] = {}
+            for page in self.store.pages(collection):
+                docs.update((i, t) for i, t in zip(page.ids, page.documents, strict=True) if t)
+            return docs
+        rng = random.Random(11)
+        present: list[str] = []
+        reservoir: list[str] = []
+        seen = 0
+        for page in self.store.pages(collection, documents=False):
+            for doc_id in page.ids:
+                if doc_id in judged:
+                    present.append(doc_id)
+                    continue
+                seen += 1
+                if len(reservoir) < sample:
+                    reservoir.append(doc_id)
+                else:
+                    slot = rng.randrange(seen)
+                    if slot < sample:
+                        reservoir[slot] = doc_id
+        chosen = present + reservoir[:max(0, sample - len(present))]
+        docs = {}
+        for start in range(0, len(chosen), PAGE_SIZE):
+            page = self.store.get(collection, chosen[start:start + PAGE_SIZE])
+            docs.update((i, t) for i, t in zip(page.ids, page.documents, strict=True) if t)
+        return dict(sorted(docs.items()))
 
     def _vectors(self, collection: str, ids: list[str]) -> np.ndarray:
         rows: dict[str, np.ndarray] = {}
@@ -74,14 +144,12 @@ class Evaluator:
         old_record = self.registry.get_collection(current.live_collection)
         new_spec = resolve_model(to_model)
         target = self._target(alias, new_spec.name)
-        docs: dict[str, str] = {}
-        for page in self.store.pages(current.live_collection):
-            docs.update((i, t) for i, t in zip(page.ids, page.documents, strict=True) if t)
+        judged_files = read_qrels(qrels_file) if qrels_file is not None else {}
+        docs = self._documents(current.live_collection, sample, {d for j in judged_files.values() for d in j})
         if queries_file is not None and qrels_file is not None:
             kind = f"judged (BEIR files {queries_file.name}, {qrels_file.name})"
             texts = read_queries(queries_file)
-            qrels = {q: {d: g for d, g in j.items() if d in docs} for q, j in read_qrels(qrels_file).items()
-                     if q in texts}
+            qrels = {q: {d: g for d, g in j.items() if d in docs} for q, j in judged_files.items() if q in texts}
             qrels = {q: j for q, j in qrels.items() if any(g > 0 for g in j.values())}
             if not qrels:
                 raise InputError("no judged query has a relevant document in this collection; check the files")
@@ -94,15 +162,16 @@ class Evaluator:
         ids = ev.sample_ids(sorted(docs), judged, sample)
         texts_used = [edited.get(i, docs[i]) for i in ids]
         old_model, new_model = self._model(old_record.model), self._model(new_spec.name)
-        if edited:  # documents changed: both sides are embedded here, the same way
-            old_vectors, new_vectors = old_model.embed_documents(texts_used), new_model.embed_documents(texts_used)
-            new_source = "embedded here (synthetic queries change the documents)"
+        if edited:  # documents changed: both sides are embedded anew, the same way
+            old_vectors, _ = self._embed_documents(old_model, texts_used)
+            new_vectors, where = self._embed_documents(new_model, texts_used)
+            new_source = f"{where} (synthetic queries change the documents)"
         else:
             old_vectors = self._vectors(current.live_collection, ids)
             if target is not None:
                 new_vectors, new_source = self._vectors(target.target_collection, ids), target.target_collection
             else:
-                new_vectors, new_source = new_model.embed_documents(texts_used), "embedded here"
+                new_vectors, new_source = self._embed_documents(new_model, texts_used)
         qids = list(queries)
         qtexts = [queries[q] for q in qids]
         runs: dict[str, dict[str, list[str]]] = {
@@ -122,7 +191,8 @@ class Evaluator:
         report = {
             "alias": alias, "old_model": old_record.model, "new_model": new_spec.name,
             "old_collection": current.live_collection, "new_vectors": new_source, "queries": len(qids),
-            "queries_kind": kind, "documents": len(ids), "collection_documents": len(docs), "k": k,
+            "queries_kind": kind, "documents": len(ids),
+            "collection_documents": self.store.count(current.live_collection), "k": k,
             "metrics": scores, "compare": f"{pair[0]} vs {pair[1]}", "metric": metric,
             "difference": {"mean": diff.mean, "ci95": [diff.low, diff.high], "queries": diff.queries},
             "min_gain": min_gain, "tolerance": tolerance, "verdict": decision,

@@ -18,6 +18,7 @@ TASK_PUMP = "reembed.pump"
 TASK_BATCH = "reembed.batch"
 TASK_FINALIZE = "reembed.finalize"
 TASK_CHECK_VECTORS = "reembed.check_vectors"
+TASK_EMBED = "reembed.embed"
 
 #: Batches wait here; control tasks (pump, finalize, checks) get their own queue so a long
 #: line of batches never delays the task that refills or finishes a migration.
@@ -50,6 +51,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": QUEUE_BATCHES,
         "task_routes": {
             TASK_BATCH: {"queue": QUEUE_BATCHES},
+            TASK_EMBED: {"queue": QUEUE_BATCHES},
             TASK_MIGRATE: {"queue": QUEUE_CONTROL},
             TASK_PUMP: {"queue": QUEUE_CONTROL},
             TASK_FINALIZE: {"queue": QUEUE_CONTROL},

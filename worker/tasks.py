@@ -13,7 +13,8 @@ from celery import Task
 
 from reembed import pipeline
 from reembed.errors import RetryableError
-from reembed.queue import TASK_BATCH, TASK_CHECK_VECTORS, TASK_FINALIZE, TASK_MIGRATE, TASK_PUMP
+from reembed.queue import TASK_BATCH, TASK_CHECK_VECTORS, TASK_EMBED, TASK_FINALIZE, TASK_MIGRATE, TASK_PUMP
+from reembed.vectors import encode_vectors
 from reembed.store import Store
 from worker import context
 from worker import app as worker_app
@@ -105,3 +106,12 @@ def check_vectors_task(collection: str, model: str, sample: int = 8) -> dict[str
 
     store: Store = context.store()
     return compare_stored_vectors(store, collection, context.model(model), sample)
+
+
+@app.task(name=TASK_EMBED, acks_late=True, reject_on_worker_lost=True)
+def embed_task(model: str, texts: list[str]) -> dict[str, Any]:
+    """Embed documents for the caller (``reembed evaluate`` embeds its sample here, on the workers'
+    devices); the vectors travel as base64 float32 in JSON, with the model's fingerprint."""
+    loaded = context.model(model)
+    return {"fingerprint": loaded.fingerprint, "device": loaded.device,
+            **encode_vectors(loaded.embed_documents(texts))}

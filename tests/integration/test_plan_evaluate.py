@@ -61,3 +61,15 @@ def test_evaluate_judged_and_synthetic_with_report_and_exit_code(
                            "--synthetic", "30", "--json"], env=env, capture_output=True, text=True, timeout=600)
     report = json.loads(done.stdout)
     assert done.returncode == {"GO": 0, "NO-GO": 1, "INCONCLUSIVE": 3}[report["verdict"]], done.stderr
+
+
+def test_evaluate_embeds_its_sample_on_the_workers(tmp_path: Path, settings: Settings, sci: str) -> None:
+    # the `sci` fixture's worker is running
+    here = Evaluator(settings).run(sci, str(need(M2V_MPNET)), SCIFACT / "queries.jsonl",
+                                   SCIFACT / "qrels" / "test.tsv", sample=60)
+    remote = Evaluator(settings, on_workers=True).run(sci, str(need(M2V_MPNET)), SCIFACT / "queries.jsonl",
+                                                      SCIFACT / "qrels" / "test.tsv", sample=60)
+    assert remote["new_vectors"] == "embedded on the workers (cpu)" and here["new_vectors"] == "embedded here"
+    assert remote["documents"] == here["documents"] <= 60 and remote["collection_documents"] == 150
+    for system in ("old", "new", "bm25"):
+        assert remote["metrics"][system]["ndcg@10"] == pytest.approx(here["metrics"][system]["ndcg@10"], abs=1e-6)
