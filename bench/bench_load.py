@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ MAX_IN_FLIGHT = 64
 
 
 async def load(url: str, texts: list[str], stop: asyncio.Event, records: dict[str, tuple[str, str]],
-               alias_state: dict[str, Any], rate: float) -> dict[str, Any]:
+               alias_state: dict[str, Any], rate: float, lookup: Callable[[str], Any]) -> dict[str, Any]:
     """Send ``rate`` queries per second (open loop: the schedule does not wait for answers, as
     real clients don't) until ``stop``, at most MAX_IN_FLIGHT at once; check every answer.
     Latency runs from the scheduled send time, so a stalled server cannot hide its backlog."""
@@ -55,6 +56,7 @@ async def load(url: str, texts: list[str], stop: asyncio.Event, records: dict[st
     errors: Counter[str] = Counter()
     served: Counter[str] = Counter()
     violations: list[str] = []
+    phases: dict[str, list[float]] = {"during migration": [], "after cutover": []}
     gate = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def one(client: httpx.AsyncClient, i: int, scheduled: float) -> None:
@@ -71,8 +73,13 @@ async def load(url: str, texts: list[str], stop: asyncio.Event, records: dict[st
             return
         by = response.json()["served_by"]
         served[by["collection"]] += 1
-        expected = records.get(by["collection"])
-        if expected is None or (by["model"], by["fingerprint"]) != expected:
+        phase = "after cutover" if alias_state.get("cutover_seen_at") is not None else "during migration"
+        phases[phase].append((time.monotonic() - scheduled) * 1000)
+        if by["collection"] not in records:  # a collection this checker has not read yet: read its record
+            record = await asyncio.to_thread(lookup, by["collection"])
+            records[by["collection"]] = (record.model, record.fingerprint)
+        expected = records[by["collection"]]
+        if (by["model"], by["fingerprint"]) != expected:
             violations.append(f"{by['collection']} answered as {by['model']}/{by['fingerprint']}")
         cut = alias_state.get("cutover_seen_at")
         if cut is not None and scheduled > cut + 1.0 and by["collection"] != alias_state["live"]:
@@ -93,7 +100,8 @@ async def load(url: str, texts: list[str], stop: asyncio.Event, records: dict[st
             task.add_done_callback(pending.discard)
             i += 1
         await asyncio.gather(*pending)
-    return {"took": took, "errors": dict(errors), "served": dict(served), "violations": violations}
+    return {"took": took, "errors": dict(errors), "served": dict(served), "violations": violations,
+            "phases": phases}
 
 
 async def watch(control: ControlPlane, migration_id: str, source: str, stop: asyncio.Event, seconds: float,
@@ -157,7 +165,8 @@ def main() -> None:
 
             async def run() -> tuple[dict[str, Any], dict[str, Any]]:
                 stop = asyncio.Event()
-                results = await asyncio.gather(load(url, texts, stop, records, alias_state, args.rate),
+                results = await asyncio.gather(load(url, texts, stop, records, alias_state, args.rate,
+                                                    control.registry.get_collection),
                                                watch(control, migration.id, source.name, stop, args.seconds,
                                                      records, alias_state))
                 return results[0], results[1]
@@ -181,6 +190,8 @@ def report(result: dict[str, Any], timing: dict[str, Any], status: dict[str, Any
         "served_by_collection": result["served"],
         "per_mode": {m: {"n": len(v), "p50_ms": round(percentile(v, 50), 1), "p95_ms": round(percentile(v, 95), 1),
                          "p99_ms": round(percentile(v, 99), 1)} for m, v in sorted(result["took"].items())},
+        "per_phase": {p: {"n": len(v), "p50_ms": round(percentile(v, 50), 1), "p95_ms": round(percentile(v, 95), 1),
+                          "p99_ms": round(percentile(v, 99), 1)} for p, v in result["phases"].items()},
         "migration": {"to": args.to, "documents": status["done"], "seconds_to_live": round(timing["migration_s"], 1),
                       "docs_per_s": round(status["done"] / timing["migration_s"], 1), "workers": args.workers},
         "rate_sent_qps": args.rate, "max_in_flight": MAX_IN_FLIGHT,
@@ -189,6 +200,8 @@ def report(result: dict[str, Any], timing: dict[str, Any], status: dict[str, Any
     out.write_text(json.dumps(figures, indent=1) + "\n")
     rows = "\n".join(f"| {m} | {f['n']:,} | {f['p50_ms']} | {f['p95_ms']} | {f['p99_ms']} |"
                      for m, f in figures["per_mode"].items())
+    phase_rows = "\n".join(f"| {p} | {f['n']:,} | {f['p50_ms']} | {f['p95_ms']} | {f['p99_ms']} |"
+                           for p, f in figures["per_phase"].items())
     body = f"""`.venv/bin/python bench/bench_load.py` (raw figures: `bench/results/load.json`). `reembed serve` as its
 own process on loopback; an open-loop asyncio + httpx client sending {args.rate:g} queries/s (at most {MAX_IN_FLIGHT} in
 flight; latency counted from the scheduled send time) cycling the 300 SciFact test queries, 60% hybrid /
@@ -205,9 +218,10 @@ flight; latency counted from the scheduled send time) cycling the 300 SciFact te
 | `served_by` violations (model or fingerprint not the named collection's; old collection > 1 s after cutover) | {figures['violations']} |
 | answers per collection | {', '.join(f'{k}: {v:,}' for k, v in result['served'].items())} |
 
-| mode | queries | p50 ms | p95 ms | p99 ms |
+| mode or phase | queries | p50 ms | p95 ms | p99 ms |
 |---|---|---|---|---|
 {rows}
+{phase_rows}
 """
     write_section(TITLE, body)
     write_section(TITLE, body, path=RELIABILITY)

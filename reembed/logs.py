@@ -7,6 +7,7 @@ so every line of every process has one format: JSON lines off a terminal, consol
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from typing import Any
@@ -69,5 +70,7 @@ def configure_logging(settings: Settings, stream: object = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
-    for noisy in ("httpx", "chromadb", "sentence_transformers", "transformers", "urllib3"):
+    # Progress bars (model loading) are not log lines: they would break JSON output.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for noisy in ("httpx", "chromadb", "sentence_transformers", "transformers", "urllib3", "bm25s"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

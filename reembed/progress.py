@@ -24,6 +24,8 @@ PREFIX = "reembed"
 #: Times a batch may be delivered before its documents are recorded as failed: bounds the
 #: retries of a batch that kills its worker (OOM, segfault) so nothing runs forever.
 MAX_DELIVERIES = 5
+#: Truncated documents named in `reembed status` (their count is exact whatever this is).
+TRUNCATED_SAMPLE = 100
 #: Lifetime of an alias lock: long enough for a producer's set-up, short enough to free a
 #: lock whose holder was killed.
 ALIAS_LOCK_TTL_S = 120
@@ -99,12 +101,13 @@ def redis_errors(what: str) -> Iterator[None]:
         raise QueueUnavailableError(f"Redis is unreachable during {what}: {exc}; is it running?") from exc
 
 
-# KEYS: progress hash, done set, in-flight hash. ARGV: batch id, documents done.
+# KEYS: progress hash, done set, in-flight hash. ARGV: batch id, documents done, documents truncated.
 # Returns 1 exactly once: for the call that finishes the last batch after enqueueing ended.
 _RECORD_BATCH = """
 redis.call('HDEL', KEYS[3], ARGV[1])
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'done', tonumber(ARGV[2]))
+  if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'truncated', tonumber(ARGV[3])) end
 end
 local total = tonumber(redis.call('HGET', KEYS[1], 'total_batches') or '-1')
 if redis.call('HGET', KEYS[1], 'enqueue_complete') == '1' and redis.call('SCARD', KEYS[2]) >= total then
@@ -157,11 +160,12 @@ class Progress:
             value = self.r.hget(self.key, "state")
         return str(value) if value is not None else None
 
-    def record_batch(self, batch_id: str, done: int) -> bool:
-        """Count a finished batch once. Returns True for the one call that completes the migration."""
+    def record_batch(self, batch_id: str, done: int, truncated: int = 0) -> bool:
+        """Count a finished batch once (its documents done and truncated). Returns True for the one
+        call that completes the migration."""
         with redis_errors("recording a batch"):
             return bool(self._record(keys=[self.key, done_batches_key(self.id), inflight_key(self.id)],
-                                     args=[batch_id, done]))
+                                     args=[batch_id, done, truncated]))
 
     def mark_in_flight(self, batch_ids: dict[str, list[str]]) -> None:
         """Remember what each sent batch holds until it is recorded done (see ``lost_batches``)."""
@@ -225,15 +229,18 @@ class Progress:
             with redis_errors("recording failed documents"):
                 self.r.hset(failed_docs_key(self.id), mapping=reasons)
 
-    def record_truncated(self, tokens: dict[str, int]) -> None:
+    def record_truncated_sample(self, tokens: dict[str, int]) -> None:
+        """Keep a few truncated documents with their token count (at most TRUNCATED_SAMPLE: the
+        count itself is kept exactly by ``record_batch``, so Redis never holds one per document)."""
         if tokens:
             with redis_errors("recording truncated documents"):
-                self.r.hset(truncated_docs_key(self.id), mapping=tokens)
+                if self.r.hlen(truncated_docs_key(self.id)) < TRUNCATED_SAMPLE:
+                    self.r.hset(truncated_docs_key(self.id), mapping=tokens)
 
     def truncated(self, limit: int = 10) -> tuple[int, dict[str, int]]:
         """How many documents were truncated by the model, and a few of them with their length."""
         with redis_errors("reading truncated documents"):
-            count = int(self.r.hlen(truncated_docs_key(self.id)))
+            count = int(self.r.hget(self.key, "truncated") or 0)
             _, found = self.r.hscan(truncated_docs_key(self.id), count=limit)
         return count, {k: int(v) for k, v in list(found.items())[:limit]}
 

@@ -238,6 +238,13 @@ class Searcher:
                 if alias.canary is not None:
                     self.model_for(self.collection_record(alias.canary.collection))
                 latest = self.registry.latest_migration(alias.alias)
+                if latest and latest.kind == "migrate" and latest.state == MigrationState.RUNNING:
+                    # Load the new model long before the cutover: loading it on the first query
+                    # after the switch stalls every query behind it (seconds, measured in
+                    # bench_load.py). Its fingerprint and probe are checked at first use.
+                    s = self.settings
+                    load_model(resolve_model(latest.to_model), s.data_dir, s.device, s.torch_threads,
+                               s.embed_batch_size)
                 if latest and latest.kind == "migrate" and latest.state in (MigrationState.VERIFYING,
                                                                            MigrationState.COMPLETE):
                     if self.indexes.current(latest.target_collection) is None:

@@ -170,13 +170,13 @@ def reembed_batch(
     tail = time.perf_counter()
     truncated = truncated_tokens(model, ids, documents)
     if truncated:
-        progress.record_truncated(truncated)
-        log.warning("documents truncated by the model", migration_id=migration_id, batch=batch_id,
+        progress.record_truncated_sample(truncated)
+        log.info("documents truncated by the model", migration_id=migration_id, batch=batch_id,
                     max_tokens=model.max_tokens, ids=sorted(truncated)[:10], count=len(truncated))
     outcome.written = written
     outcome.failed = failed
     progress.record_failures(failed)
-    outcome.finished_migration = progress.record_batch(batch_id, written)
+    outcome.finished_migration = progress.record_batch(batch_id, written, len(truncated))
     progress.add_timings({**timings, "bookkeeping": book + time.perf_counter() - tail})
     return outcome
 

@@ -80,3 +80,40 @@ def test_metrics_logs_and_watch_during_a_migration(
         assert {"migration_id", "alias", "batch", "worker"} <= set(x), x
     ours = [x for x in lines if x.get("logger") == "worker.tasks"]
     assert ours and all("migration_id" in x and "worker" in x for x in ours)
+
+
+def test_flower_shows_the_tasks_by_their_stable_names(
+        tmp_path: Path, settings: Settings, control: ControlPlane, start_workers: Callable[..., Workers]) -> None:
+    import httpx
+
+    from reembed.services import free_port
+    from tests.faults.conftest import wait_until
+
+    port = free_port()
+    env = {**os.environ, **settings.to_env(), "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}",
+                               "--address=127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "flower.log", "wb"), start_new_session=True)  # noqa: SIM115
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(url + "/healthcheck", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until("Flower to answer", up, timeout=60, every=0.5)
+        start_workers(1)
+        record = control.ingest("flower", scifact_subset(tmp_path / "c.jsonl", 60), str(need(M2V_MINILM)),
+                                batch_size=20)
+        assert control.wait(record.id, timeout=120).state == MigrationState.LIVE
+
+        def names() -> set[str]:
+            return {t["name"] for t in httpx.get(url + "/api/tasks", timeout=5).json().values()}
+
+        wait_until("Flower to list the tasks", lambda: {"reembed.batch", "reembed.finalize"} <= names(), timeout=60,
+                   every=0.5)
+    finally:
+        flower.terminate()
+        flower.wait(timeout=20)
