@@ -67,6 +67,7 @@ def configure_logging(settings: Settings, stream: object = None) -> None:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info, redact, renderer],
     ))
+    handler.setLevel(settings.log_level)  # libraries that set their own logger to DEBUG stay quiet
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

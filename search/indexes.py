@@ -215,4 +215,8 @@ _SPAWN = multiprocessing.get_context("spawn")
 
 def _build_and_publish(store_url: str, root: str, collection: str, signature: IndexSignature) -> None:
     """In a child process: build ``collection``'s index from Chroma and publish it under ``root``."""
+    from reembed.logs import configure_logging
+    from reembed.settings import Settings
+
+    configure_logging(Settings.from_env())  # the parent's REEMBED_* environment: same log format
     IndexManager(Path(root), Store(store_url)).rebuild(collection, signature)
