@@ -15,18 +15,18 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field, StringConstraints
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reembed.errors import (
     AliasNotFoundError,
@@ -115,6 +115,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
                   description="Hybrid BM25 + semantic search by alias, always served by the alias's live "
                               "collection with that collection's own embedding model.")
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
     def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if not settings.api_key:
             return
@@ -169,7 +170,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
             return one(body.q)
         return BatchSearchResponse(responses=[one(q) for q in body.q])
 
-    def observed(mode: str, answer: Any) -> SearchResponse:
+    def observed(mode: str, answer: Callable[[], SearchResponse]) -> SearchResponse:
         """Count and time one query by requested mode, answering mode and status."""
         started = time.perf_counter()
         try:
@@ -180,11 +181,11 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         metrics.observe(mode, response.mode, 200, time.perf_counter() - started)
         return response
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(authorise)])
     def prometheus_metrics() -> Response:
         """Prometheus text format: query counts and latency, live collection per alias, BM25 index
-        age, and the progress, rate and ETA of running migrations (not behind the API key, as
-        Prometheus scrapes without one; it shows names and counts, never documents)."""
+        age, and the progress, rate and ETA of running migrations. Behind the API key like every
+        other endpoint but /healthz (Prometheus sends it with `authorization: credentials`)."""
         return Response(generate_latest(prometheus), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/aliases", dependencies=[Depends(authorise)])

@@ -104,6 +104,9 @@ def test_http_api_key_model_mismatch_and_persisted_index(
         assert wrong.status_code == 401 and "s3cret" not in wrong.text
         ok = client.get("/search", params=params, headers={"Authorization": "Bearer s3cret-key"})
         assert ok.status_code == 200
+        assert client.get("/metrics").status_code == 401  # metrics behind the key too
+        assert client.get("/metrics", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        assert client.get("/healthz").status_code == 200  # liveness stays open for probes
         built_at = ok.json()["served_by"]["bm25_index"]["built_at"]
     # A second start loads the persisted index instead of rebuilding it.
     with TestClient(create_app(settings)) as client:
