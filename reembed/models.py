@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import structlog
 
 from reembed.errors import ModelMismatchError, ModelNotFoundError
 
@@ -377,4 +378,9 @@ def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", th
                 f"model {spec.name!r} produced {loaded.dimension}-d vectors, its spec says {spec.dimension}"
             )
         _loaded[key] = loaded
-        return loaded
+    # Every process says once which model it runs, where, with which weights and batch: a worker
+    # at start-up (REEMBED_PRELOAD_MODEL) or at its first batch, the search service per collection.
+    structlog.get_logger(__name__).info(
+        "model loaded", model=spec.name, fingerprint=loaded.fingerprint, device=device,
+        embed_batch_size=loaded.batch_size, dimension=loaded.dimension, torch_threads=threads)
+    return loaded

@@ -53,10 +53,7 @@ def _limit_threads(**_: Any) -> None:
     if settings.preload_model and not control_only:
         from worker import context
 
-        model = context.model(settings.preload_model)
-        structlog.get_logger(__name__).info(
-            "model loaded", model=model.spec.name, fingerprint=model.fingerprint, device=model.device,
-            embed_batch_size=model.batch_size, dimension=model.dimension, torch_threads=settings.torch_threads)
+        context.model(settings.preload_model)  # logs "model loaded" with fingerprint, device, batch size
 
 
 @task_prerun.connect

@@ -80,6 +80,11 @@ def test_metrics_logs_and_watch_during_a_migration(
         assert {"migration_id", "alias", "batch", "worker"} <= set(x), x
     ours = [x for x in lines if x.get("logger") == "worker.tasks"]
     assert ours and all("migration_id" in x and "worker" in x for x in ours)
+    # ... and each worker process said which model it runs, with its fingerprint, device and batch
+    loaded = [x for x in lines if x["event"] == "model loaded"]
+    assert {x["model"] for x in loaded} >= {str(need(M2V_MINILM)), str(need(M2V_MPNET))}
+    assert all(x["fingerprint"].startswith("sha256:") and x["device"] == "cpu" and x["embed_batch_size"] == 32
+               for x in loaded)
 
 
 def test_flower_shows_the_tasks_by_their_stable_names(
