@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import shutil
 import sys
 import threading

@@ -22,8 +22,8 @@ import click
 
 from reembed.errors import ReembedError
 from reembed.logs import configure_logging
-from reembed.settings import FIELDS, Settings
 from reembed.services import LocalStack
+from reembed.settings import FIELDS, Settings
 
 #: Exit codes. 2 and 3 come from the error tree (``ReembedError.exit_code``).
 EXIT_OK = 0

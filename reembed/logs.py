@@ -16,7 +16,6 @@ import structlog
 
 from reembed.settings import Settings
 
-
 #: ``scheme://user:password@`` in any URL: the password is replaced.
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)", re.IGNORECASE)
 #: Celery prints a task's request, arguments included, in some messages ("Failed to cancel

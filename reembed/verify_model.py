@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from reembed.models import LoadedModel, PROBE_MIN_COSINE
+from reembed.models import PROBE_MIN_COSINE, LoadedModel
 from reembed.store import Store
 
 

@@ -6,7 +6,6 @@ A missing Redis skips the integration tests locally and fails them in CI (dramat
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
 import structlog
+from celery import Celery
 from celery.signals import (
     celeryd_after_setup,
     setup_logging,

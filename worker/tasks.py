@@ -14,10 +14,10 @@ from celery import Task
 from reembed import pipeline
 from reembed.errors import RetryableError
 from reembed.queue import TASK_BATCH, TASK_CHECK_VECTORS, TASK_EMBED, TASK_FINALIZE, TASK_MIGRATE, TASK_PUMP
-from reembed.vectors import encode_vectors
 from reembed.store import Store
-from worker import context
+from reembed.vectors import encode_vectors
 from worker import app as worker_app
+from worker import context
 from worker.app import app
 from worker.embedding import PausedError, reembed_batch
 

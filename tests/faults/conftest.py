@@ -33,8 +33,8 @@ from tests.integration.conftest import (  # noqa: F401 - fixtures shared with th
     control,
     models_dir,
     redis_url,
-    settings,
     scifact_subset,
+    settings,
     start_workers,
 )
 
@@ -62,23 +62,23 @@ class Source:
     target_model: str = field(default_factory=lambda: str(need(M2V_MPNET)))
 
 
-def ingest_source(tmp_path: Path, control: ControlPlane, start_workers: Callable[..., Workers],
+def ingest_source(tmp_path: Path, plane: ControlPlane, start: Callable[..., Workers],
                   alias: str = "faults", n: int = DOCS) -> tuple[Source, list[Workers]]:
     """Ingest ``n`` SciFact documents with the m2v MiniLM model; return the two running worker
     processes (one pool process each, both consuming batches and control tasks)."""
     corpus = scifact_subset(tmp_path / "corpus.jsonl", n)
-    workers = [start_workers(1, visibility_timeout_s=VISIBILITY_S) for _ in range(2)]
-    record = control.ingest(alias, corpus, str(need(M2V_MINILM)), batch_size=250)
-    final = control.wait(record.id, timeout=300)
+    workers = [start(1, visibility_timeout_s=VISIBILITY_S) for _ in range(2)]
+    record = plane.ingest(alias, corpus, str(need(M2V_MINILM)), batch_size=250)
+    final = plane.wait(record.id, timeout=300)
     assert final.state == MigrationState.LIVE, final.error
-    ids = set(read_all(control, record.target_collection)[0])
+    ids = set(read_all(plane, record.target_collection)[0])
     assert len(ids) == n
     return Source(alias, record.target_collection, ids), workers
 
 
-def read_all(control: ControlPlane, collection: str) -> tuple[list[str], list[str], np.ndarray]:
+def read_all(plane: ControlPlane, collection: str) -> tuple[list[str], list[str], np.ndarray]:
     """Ids, texts and vectors straight from Chroma (not through reembed's store wrapper)."""
-    port = int(control.settings.chroma_url.rsplit(":", 1)[1])
+    port = int(plane.settings.chroma_url.rsplit(":", 1)[1])
     col = chromadb.HttpClient(host="127.0.0.1", port=port).get_collection(collection)
     raw = col.get(include=["documents", "embeddings"], limit=1_000_000)
     return list(raw["ids"]), list(raw["documents"]), np.asarray(raw["embeddings"])
@@ -92,20 +92,20 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 120, every
         time.sleep(every)
 
 
-def wait_for_progress(control: ControlPlane, migration_id: str, at_least: int, timeout: float = 120) -> int:
+def wait_for_progress(plane: ControlPlane, migration_id: str, at_least: int, timeout: float = 120) -> int:
     """Block until ``at_least`` documents are done; fail if the migration finished first (the
     fault would then land on nothing and the test would prove nothing)."""
     def reached() -> bool:
-        status = control.status(migration_id)
+        status = plane.status(migration_id)
         if status["state"] in ("complete", "live"):
             raise AssertionError("the migration finished before the fault was injected")
         return bool(status["done"] >= at_least)
 
     wait_until(f"{at_least} documents done", reached, timeout)
-    return int(control.status(migration_id)["done"])
+    return int(plane.status(migration_id)["done"])
 
 
-def check_outcome(control: ControlPlane, source: Source, migration: MigrationRecord,
+def check_outcome(plane: ControlPlane, source: Source, migration: MigrationRecord,
                   failed: frozenset[str] = frozenset(), timeout: float = 300) -> MigrationRecord:
     """The four checks every fault ends with.
 
@@ -115,18 +115,18 @@ def check_outcome(control: ControlPlane, source: Source, migration: MigrationRec
     3. the progress counters equal the truth;
     4. the alias points at the target.
     """
-    final = control.wait(migration.id, timeout=timeout)
+    final = plane.wait(migration.id, timeout=timeout)
     assert final.state == MigrationState.LIVE, f"{final.state}: {final.error}"
-    ids, texts, vectors = read_all(control, migration.target_collection)
+    ids, texts, vectors = read_all(plane, migration.target_collection)
     assert len(ids) == len(set(ids)), "duplicate ids in the target"
     assert set(ids) == source.ids - failed
     expected = reference_model(source.target_model).encode(texts, normalize_embeddings=True, batch_size=256)
     np.testing.assert_allclose(vectors, expected, atol=1e-3)
-    status = control.status(migration.id)
+    status = plane.status(migration.id)
     assert (status["done"], status["failed"], status["skipped"], status["total"]) == (
         len(source.ids) - len(failed), len(failed), 0, len(source.ids))
     assert set(status["failures"]) <= failed
-    assert control.registry.get_alias(source.alias).live_collection == migration.target_collection
+    assert plane.registry.get_alias(source.alias).live_collection == migration.target_collection
     return final
 
 

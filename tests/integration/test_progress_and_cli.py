@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import redis
 
 from reembed.progress import Progress, redis_client
 from reembed.settings import Settings
