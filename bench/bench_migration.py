@@ -26,6 +26,7 @@ import shutil
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +177,35 @@ class SearchLoad:
         self.searcher.close()
 
 
+def batch_timeline(log: Path, migration_id: str, began: float, ended: float, workers: int) -> dict[str, float]:
+    """Where the wall time of a run went, from the workers' "batch done" lines: seconds before the
+    first batch started, after the last one ended (verification, completion), and the share of the
+    workers' time in between spent inside a batch."""
+    spans = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"batch done"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("migration_id") == migration_id and "seconds" in entry:
+            end = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+            spans.append((end - float(entry["seconds"]), end))
+    if not spans:
+        return {}
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    busy = sum(e - s for s, e in spans) / (workers * max(last - first, 1e-9))
+    return {"before_first_batch_s": first - began, "after_last_batch_s": ended - last, "workers_busy": busy}
+
+
 def migrate_timed(control: ControlPlane, alias: str, model: str, batch_size: int) -> dict[str, Any]:
+    began = time.time()
     start = time.perf_counter()
     record = control.migrate(alias, model, batch_size=batch_size, cutover="manual")
     final = control.wait(record.id, timeout=6 * 3600)
     elapsed = time.perf_counter() - start
+    ended = time.time()
     if final.state != MigrationState.COMPLETE:
         raise SystemExit(f"migration ended {final.state.value}: {final.error}")
     timings = Progress(control.redis, record.id).timings()
@@ -188,7 +213,8 @@ def migrate_timed(control: ControlPlane, alias: str, model: str, batch_size: int
     info = control.redis.info("memory")
     result = {"docs_per_s": final.done / elapsed, "seconds": elapsed, "documents": final.done,
               "failed": final.failed, "per_batch_ms": {k: 1000 * v / batches for k, v in timings.items()},
-              "batches": int(batches), "redis_peak_mb": int(info["used_memory_peak"]) / 2**20}
+              "batches": int(batches), "redis_peak_mb": int(info["used_memory_peak"]) / 2**20,
+              "migration_id": record.id, "began": began, "ended": ended}
     control.cancel(record.id)  # drop the target: the next run starts from the same source
     return result
 
@@ -201,6 +227,7 @@ def run_reembed(local: LocalStack, control: ControlPlane, alias: str, model: str
         with SearchLoad(local.settings, alias, mode) as load:
             result = migrate_timed(control, alias, model, batch_size)
         result["worker_peak_rss_mb"] = peak_rss_mb(embedders)
+        result["timeline"] = batch_timeline(log, result["migration_id"], result["began"], result["ended"], workers)
         result["searches"] = {"ok": load.ok, "failed": len(load.failed), "p50_ms": percentile(load.latency_ms, 50),
                               "first_error": load.failed[0] if load.failed else None}
     finally:

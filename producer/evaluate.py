@@ -22,7 +22,7 @@ import structlog
 from reembed import evaluation as ev
 from reembed.errors import InputError, ModelMismatchError, QueueUnavailableError
 from reembed.metrics import METRICS, mean_scores, per_query, read_qrels, read_queries
-from reembed.models import LoadedModel, load_model, resolve_model
+from reembed.models import LoadedModel, load_configured, resolve_model
 from reembed.registry import MigrationRecord, MigrationState, Registry
 from reembed.settings import Settings
 from reembed.store import PAGE_SIZE, Store
@@ -78,8 +78,7 @@ class Evaluator:
         return np.concatenate(parts), f"embedded on the workers ({', '.join(sorted(devices))})"
 
     def _model(self, name: str) -> LoadedModel:
-        s = self.settings
-        return load_model(resolve_model(name), s.data_dir, s.device, s.torch_threads, s.embed_batch_size)
+        return load_configured(self.settings, name)
 
     def _target(self, alias: str, model_name: str) -> MigrationRecord | None:
         for record in self.registry.migrations(alias):

@@ -55,7 +55,8 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
             extra_bytes.append(len(text.encode("utf-8")) + len(json.dumps(meta or {})) + len(doc_id))
     if not texts:
         raise InputError(f"alias {alias!r} has no document with text; nothing to migrate")
-    model = load_model(spec, settings.data_dir, settings.device, settings.torch_threads, settings.embed_batch_size)
+    model = load_model(spec, settings.data_dir, settings.device, settings.torch_threads, settings.embed_batch_size,
+                       settings.backend)
     rng = random.Random(5)
     if len(texts) <= TOKENIZE_ALL_UP_TO:
         counted, scale, token_note = texts, 1.0, "every document"

@@ -18,7 +18,7 @@ import structlog
 
 from reembed.documents import Document, check_metadata, check_text, provenance
 from reembed.errors import InputError, ModelMismatchError, ReembedError
-from reembed.models import LoadedModel, load_model, resolve_model
+from reembed.models import LoadedModel, load_configured
 from reembed.progress import bump_writes, redis_client
 from reembed.registry import MigrationState, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
@@ -61,8 +61,7 @@ class Writer:
         return found
 
     def _model(self, target: WriteTarget) -> LoadedModel:
-        s = self.settings
-        model = load_model(resolve_model(target.model), s.data_dir, s.device, s.torch_threads, s.embed_batch_size)
+        model = load_configured(self.settings, target.model)
         if model.fingerprint != target.fingerprint:
             raise ModelMismatchError(
                 f"collection {target.collection!r} holds vectors of {target.model} ({target.fingerprint}); the model "

@@ -25,9 +25,12 @@ import numpy as np
 import structlog
 
 from reembed.errors import ModelMismatchError, ModelNotFoundError
+from reembed.runtimes import check_backend, use_openvino
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+    from reembed.settings import Settings
 
 #: Embedded by every process that loads a model; compared across processes and runs.
 PROBE_TEXT = "reembed probe: the quick brown fox measures the distance between two vector spaces."
@@ -282,10 +285,11 @@ class LoadedModel:
     """A model in memory with its spec, fingerprint, device and probe vector."""
 
     def __init__(self, spec: ModelSpec, fingerprint: str, device: str, model: SentenceTransformer,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, backend: str = "torch") -> None:
         self.spec = spec
         self.fingerprint = fingerprint
         self.device = device
+        self.backend = backend  # the runtime that actually runs it (see reembed.runtimes)
         self.batch_size = batch_size
         self._model = model
         self._lock = threading.Lock()  # torch modules are not safe to call from two threads at once
@@ -344,21 +348,30 @@ def probe_cosine(a: np.ndarray | list[float], b: np.ndarray | list[float]) -> fl
     return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12))
 
 
-_loaded: dict[tuple[str, str], LoadedModel] = {}
+_loaded: dict[tuple[str, str, str], LoadedModel] = {}
 _load_lock = threading.Lock()
 
 
+def load_configured(settings: Settings, name: str) -> LoadedModel:
+    """Load the model called ``name`` with this process's settings (device, runtime, threads, batch)."""
+    return load_model(resolve_model(name), settings.data_dir, settings.device, settings.torch_threads,
+                      settings.embed_batch_size, settings.backend)
+
+
 def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", threads: int = 1,
-               batch_size: int = 0) -> LoadedModel:
+               batch_size: int = 0, backend: str = "torch") -> LoadedModel:
     """Load a model once per process (cached), on the right device; fp16 on a GPU.
 
-    ``batch_size`` is the forward-pass batch (0: by device, see :func:`embed_batch_size`).
+    ``batch_size`` is the forward-pass batch (0: by device, see :func:`embed_batch_size`);
+    ``backend`` the runtime of its transformer (see :mod:`reembed.runtimes`).
 
     Raises:
         ModelNotFoundError: its weights are not installed.
+        ConfigError: the backend cannot run here (OpenVINO on a GPU, or not installed).
     """
     device = pick_device(device_setting)
-    key = (spec.name, device)
+    check_backend(backend, device)
+    key = (spec.name, device, backend)
     with _load_lock:
         if key in _loaded:
             return _loaded[key]
@@ -372,7 +385,12 @@ def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", th
             model.max_seq_length = spec.max_seq_length
         if use_half_precision(device):
             model.half()
-        loaded = LoadedModel(spec, fingerprint(spec, data_dir), device, model, embed_batch_size(device, batch_size))
+        digest = fingerprint(spec, data_dir)
+        runs_with = "torch"
+        if backend == "openvino":
+            cache = data_dir / "cache" / "openvino" / digest.split(":", 1)[-1]
+            runs_with = "openvino" if use_openvino(model, cache, threads) else "torch"  # static models: torch
+        loaded = LoadedModel(spec, digest, device, model, embed_batch_size(device, batch_size), runs_with)
         if spec.dimension is not None and loaded.dimension != spec.dimension:
             raise ModelMismatchError(
                 f"model {spec.name!r} produced {loaded.dimension}-d vectors, its spec says {spec.dimension}"
@@ -381,6 +399,6 @@ def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", th
     # Every process says once which model it runs, where, with which weights and batch: a worker
     # at start-up (REEMBED_PRELOAD_MODEL) or at its first batch, the search service per collection.
     structlog.get_logger(__name__).info(
-        "model loaded", model=spec.name, fingerprint=loaded.fingerprint, device=device,
+        "model loaded", model=spec.name, fingerprint=loaded.fingerprint, device=device, backend=loaded.backend,
         embed_batch_size=loaded.batch_size, dimension=loaded.dimension, torch_threads=threads)
     return loaded

@@ -158,7 +158,9 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
             batches = length_sorted_batches(docs, record.batch_size) if docs else [[]]
             named = {f"s-{cursor}-{j}": batch for j, batch in enumerate(batches)}
             progress.mark_in_flight({b: [d.id for d in batch] for b, batch in named.items()})
-            for batch_id, batch in named.items():
+            # Longest first: the workers then end a window (and the migration) on its shortest
+            # batches, so no worker sits idle for long while another finishes a long one.
+            for batch_id, batch in reversed(named.items()):
                 send_batch(app, record.id, batch_id, batch, record.alias)
             progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(batches))
             return False

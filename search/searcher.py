@@ -21,7 +21,7 @@ import numpy as np
 
 from reembed.documents import user_metadata
 from reembed.errors import InputError, ModelMismatchError, ReembedError, StoreUnavailableError
-from reembed.models import LoadedModel, load_model, resolve_model
+from reembed.models import LoadedModel, load_configured
 from reembed.progress import read_writes, redis_client
 from reembed.registry import AliasRecord, CollectionRecord, Registry
 from reembed.settings import Settings
@@ -99,8 +99,7 @@ class Searcher:
             ModelMismatchError: naming both models, when the weights here differ from those that
                 built the collection.
         """
-        model = load_model(resolve_model(record.model), self.settings.data_dir, self.settings.device,
-                           self.settings.torch_threads, self.settings.embed_batch_size)
+        model = load_configured(self.settings, record.model)
         if model.fingerprint != record.fingerprint:
             raise ModelMismatchError(
                 f"collection {record.name!r} was embedded with {record.model} ({record.fingerprint}); the model "
@@ -242,9 +241,7 @@ class Searcher:
                     # Load the new model long before the cutover: loading it on the first query
                     # after the switch stalls every query behind it (seconds, measured in
                     # bench_load.py). Its fingerprint and probe are checked at first use.
-                    s = self.settings
-                    load_model(resolve_model(latest.to_model), s.data_dir, s.device, s.torch_threads,
-                               s.embed_batch_size)
+                    load_configured(self.settings, latest.to_model)
                 if latest and latest.kind == "migrate" and latest.state in (MigrationState.VERIFYING,
                                                                            MigrationState.COMPLETE):
                     if self.indexes.current(latest.target_collection) is None:

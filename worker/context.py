@@ -6,7 +6,7 @@ import functools
 
 import redis
 
-from reembed.models import LoadedModel, load_model, resolve_model
+from reembed.models import LoadedModel, load_configured
 from reembed.progress import redis_client
 from reembed.registry import Registry
 from reembed.settings import Settings
@@ -35,8 +35,7 @@ def redis_conn() -> redis.Redis:
 
 def model(name: str) -> LoadedModel:
     """The model, loaded once per process (``load_model`` caches)."""
-    s = settings()
-    return load_model(resolve_model(name), s.data_dir, s.device, s.torch_threads, s.embed_batch_size)
+    return load_configured(settings(), name)
 
 
 def reset() -> None:

@@ -6,6 +6,7 @@ function of ``worker.embedding`` or ``reembed.pipeline``, logs once, and decides
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
@@ -34,6 +35,7 @@ PAUSED_RETRY_S = 5
 def batch_task(self: Task, migration_id: str, batch_id: str, ids: list[str], documents: list[str],
                metadatas: list[dict[str, Any]], alias: str | None = None) -> dict[str, Any]:
     """Re-embed one batch into the migration's target collection (``alias`` is for the logs)."""
+    started = time.perf_counter()
     try:
         outcome = reembed_batch(
             migration_id=migration_id, batch_id=batch_id, ids=ids, documents=documents, metadatas=metadatas,
@@ -49,7 +51,8 @@ def batch_task(self: Task, migration_id: str, batch_id: str, ids: list[str], doc
     if outcome.dropped:
         log.info("batch dropped", reason=outcome.dropped)
     else:
-        log.info("batch done", written=outcome.written, failed=len(outcome.failed))
+        log.info("batch done", written=outcome.written, failed=len(outcome.failed),
+                 seconds=round(time.perf_counter() - started, 3))
     for doc_id, reason in outcome.failed.items():
         log.error("document failed", id=doc_id, reason=reason)
     if outcome.finished_migration:

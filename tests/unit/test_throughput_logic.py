@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from reembed.documents import Document
-from reembed.errors import StoreUnavailableError
+from reembed.errors import ConfigError, StoreUnavailableError
 from reembed.models import embed_batch_size, pick_device, use_half_precision
 from reembed.pipeline import length_sorted_batches
+from reembed.runtimes import check_backend, parse_backend
+from reembed.settings import Settings
 from worker.embedding import FIRST_PASS_PREFIXES, embed_and_write
 
 
@@ -31,6 +33,18 @@ def test_half_precision_only_on_cuda_and_explicit_devices_are_kept() -> None:
     assert use_half_precision("cuda") and use_half_precision("cuda:3")
     assert not use_half_precision("cpu") and not use_half_precision("mps")
     assert pick_device("cuda:1") == "cuda:1" and pick_device("cpu") == "cpu"
+
+
+def test_runtime_setting_accepts_torch_and_openvino_and_names_the_fix_otherwise() -> None:
+    assert Settings.from_env({}).backend == "torch"
+    assert Settings.from_env({"REEMBED_BACKEND": " OpenVINO "}).backend == "openvino"
+    assert parse_backend("torch") == "torch"
+    with pytest.raises(ConfigError, match=r"REEMBED_BACKEND='onnx' is not a runtime: use torch or openvino"):
+        Settings.from_env({"REEMBED_BACKEND": "onnx"})
+    check_backend("torch", "cuda:0")  # torch runs anywhere
+    for gpu in ("cuda", "cuda:1", "mps"):  # OpenVINO here is a CPU runtime
+        with pytest.raises(ConfigError, match="REEMBED_DEVICE=cpu or REEMBED_BACKEND=torch"):
+            check_backend("openvino", gpu)
 
 
 def test_length_sorted_batches_are_deterministic_and_complete() -> None:
