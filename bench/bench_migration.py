@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -37,10 +38,11 @@ import psutil  # noqa: E402
 
 from bench.common import ROOT, SHARED, machine, percentile, recombined_corpus, write_section  # noqa: E402
 from producer import ControlPlane  # noqa: E402
-from reembed.models import model_dir, pick_device, resolve_model  # noqa: E402
+from reembed.models import fingerprint, model_dir, pick_device, resolve_model  # noqa: E402
 from reembed.progress import Progress  # noqa: E402
 from reembed.queue import QUEUE_BATCHES, QUEUE_CONTROL  # noqa: E402
 from reembed.registry import MigrationState  # noqa: E402
+from reembed.runtimes import use_openvino  # noqa: E402
 from reembed.services import LocalStack, Workers  # noqa: E402
 from reembed.settings import Settings  # noqa: E402
 from search import Searcher  # noqa: E402
@@ -63,11 +65,11 @@ def peak_rss_mb(workers: Workers) -> float:
     return max(peaks, default=0.0)
 
 
-def start_embedders(settings: Settings, count: int, model: str, log: Path) -> Workers:
-    """``count`` embedding processes with ``model`` preloaded; returns once every one has it."""
+def start_embedders(settings: Settings, count: int, model: str, log: Path, backend: str = "torch") -> Workers:
+    """``count`` embedding processes with ``model`` preloaded on ``backend``; returns once every one has it."""
     log.unlink(missing_ok=True)
     threads = max(1, (os.cpu_count() or 1) // count) if pick_device(settings.device) == "cpu" else 1
-    s = settings.with_(preload_model=model, torch_threads=threads)
+    s = settings.with_(preload_model=model, torch_threads=threads, backend=backend)
     workers = Workers(s, count, queues=QUEUE_BATCHES).start(log)
     deadline = time.monotonic() + 900
     while log.read_text(errors="replace").count('"model loaded"') < count if log.exists() else True:
@@ -77,34 +79,42 @@ def start_embedders(settings: Settings, count: int, model: str, log: Path) -> Wo
     return workers
 
 
-def encode_limit(model_name: str, texts: list[str], device: str) -> dict[str, Any]:
-    """The model alone: the best of a few batch sizes on a sample, then every text with it."""
+def encode_limit(model_name: str, texts: list[str], device: str, backend: str = "torch",
+                 batch_size: int = 0) -> dict[str, Any]:
+    """The model alone on all cores: ``SentenceTransformer.encode`` (its transformer on ``backend``),
+    at ``batch_size`` or at the best of a few sizes tried on a sample."""
     import torch
     from sentence_transformers import SentenceTransformer
 
     spec = resolve_model(model_name)
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
     model = SentenceTransformer(str(model_dir(spec, WORK)), device=device)
+    if spec.max_seq_length:
+        model.max_seq_length = spec.max_seq_length
     if device.startswith("cuda"):
         model.half()
-    sample = texts[: min(len(texts), 1024)]
-    candidates = (128, 256, 512) if device.startswith("cuda") else (16, 32, 64)
+    if backend == "openvino":  # the same converted model the workers load (cached per fingerprint)
+        use_openvino(model, WORK / "cache" / "openvino" / fingerprint(spec, WORK).split(":", 1)[1], threads)
     rates = {}
-    for size in candidates:
-        model.encode(sample[:size], batch_size=size)  # warm-up
-        start = time.perf_counter()
-        model.encode(sample, batch_size=size, normalize_embeddings=True)
-        rates[size] = len(sample) / (time.perf_counter() - start)
-    best = max(rates, key=lambda k: rates[k])
+    if not batch_size:
+        sample = texts[: min(len(texts), 384)]
+        for size in (128, 256, 512) if device.startswith("cuda") else (16, 32, 64):
+            model.encode(sample[:size], batch_size=size)  # warm-up
+            start = time.perf_counter()
+            model.encode(sample, batch_size=size, normalize_embeddings=True)
+            rates[size] = len(sample) / (time.perf_counter() - start)
+        batch_size = max(rates, key=lambda k: rates[k])
+    model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up
     start = time.perf_counter()
-    model.encode(texts, batch_size=best, normalize_embeddings=True)
+    model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
     _sync(device)
     rate = len(texts) / (time.perf_counter() - start)
     del model
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"docs_per_s": rate, "batch_size": best, "sample_rates": rates}
+    return {"docs_per_s": rate, "batch_size": batch_size, "sample_rates": rates}
 
 
 def _sync(device: str) -> None:
@@ -220,9 +230,9 @@ def migrate_timed(control: ControlPlane, alias: str, model: str, batch_size: int
 
 
 def run_reembed(local: LocalStack, control: ControlPlane, alias: str, model: str, workers: int,
-                batch_size: int, mode: str) -> dict[str, Any]:
+                batch_size: int, mode: str, backend: str = "torch") -> dict[str, Any]:
     log = local.settings.data_dir / f"embed-{workers}.log"
-    embedders = start_embedders(local.settings, workers, model, log)
+    embedders = start_embedders(local.settings, workers, model, log, backend)
     try:
         with SearchLoad(local.settings, alias, mode) as load:
             result = migrate_timed(control, alias, model, batch_size)
@@ -246,12 +256,27 @@ def ingest_source(control: ControlPlane, local: LocalStack, alias: str, corpus: 
         embedders.stop()
 
 
+def default_backends(device: str) -> str:
+    """Every runtime that can run here: OpenVINO joins torch on a CPU where it is installed."""
+    if device != "cpu":
+        return "torch"
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "torch,openvino"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="all-MiniLM-L6-v2", help="target models, comma-separated")
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", default="", help="runtimes to measure, comma-separated (default: all that run here)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="naive and reembed with the most workers are measured this many times, interleaved "
+                             "(0: 3 on a CPU, 1 on a GPU); limits and the other worker counts once")
     parser.add_argument("--batch-size", type=int, default=0, help="documents per queued batch (0: 64 cpu, 512 gpu)")
     parser.add_argument("--scale", default="1000,10000,100000", help="corpus sizes for the static-model runs ('' skips)")
     parser.add_argument("--section", default="", help="suffix of the BENCHMARKS.md section (e.g. the GPU)")
@@ -259,6 +284,9 @@ def main() -> None:
     args = parser.parse_args()
     device = pick_device(args.device)
     batch_size = args.batch_size or (512 if device.startswith("cuda") else 64)
+    backends = (args.backends or default_backends(device)).split(",")
+    rounds = args.rounds or (1 if device.startswith("cuda") else 3)
+    counts = [int(w) for w in args.workers.split(",")]
     work = WORK
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -267,19 +295,25 @@ def main() -> None:
     corpus = recombined_corpus(work / "corpus.jsonl", args.docs)
     texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
     results: dict[str, Any] = {"machine": machine(), "device": device, "docs": args.docs, "batch_size": batch_size,
-                               "models": {}, "scale": {}}
+                               "rounds": rounds, "backends": backends, "models": {}, "scale": {}}
     with LocalStack(settings) as local:
         control = ControlPlane(local.settings)
         local.control = Workers(local.settings, 1, queues=QUEUE_CONTROL).start(work / "control.log")
         ingest_source(control, local, "src", corpus, str(STATIC_A))
         for name in args.models.split(","):
-            row: dict[str, Any] = {"limit": encode_limit(name, texts, device)}
-            print(name, "limit", row["limit"], flush=True)
-            row["naive"] = naive(local.settings, control.registry.get_alias("src").live_collection, name, device)
-            print(name, "naive", row["naive"], flush=True)
-            for count in (int(w) for w in args.workers.split(",")):
-                row[f"reembed_{count}"] = run_reembed(local, control, "src", name, count, batch_size, "hybrid")
-                print(name, count, "workers", row[f"reembed_{count}"], flush=True)
+            row: dict[str, Any] = {"limit": {}, "naive": [], "reembed": {}}
+            for backend in backends:
+                row["limit"][backend] = encode_limit(name, texts, device, backend)
+                print(name, backend, "limit", row["limit"][backend], flush=True)
+            for round_no in range(rounds):  # interleaved, so a slow spell of a shared machine hits all alike
+                row["naive"].append(naive(local.settings, control.registry.get_alias("src").live_collection, name,
+                                          device))
+                print(name, "round", round_no, "naive", row["naive"][-1], flush=True)
+                for backend in backends:
+                    for count in counts if round_no == 0 else [max(counts)]:
+                        run = run_reembed(local, control, "src", name, count, batch_size, "hybrid", backend)
+                        row["reembed"].setdefault(f"{backend}_{count}", []).append(run)
+                        print(name, "round", round_no, backend, count, "workers", run, flush=True)
             results["models"][name] = row
         for size in (int(s) for s in args.scale.split(",") if s):
             alias = f"scale{size}"
@@ -295,46 +329,81 @@ def _name(model: str) -> str:
     return Path(model).name if "/" in model else model
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def report(results: dict[str, Any], section: str) -> None:
+    """Write the throughput section (and the growth section when the scale runs ran)."""
+    rounds, top = results["rounds"], max((int(k.rsplit("_", 1)[1]) for row in results["models"].values()
+                                          for k in row["reembed"]), default=2)
     lines = [
         f"Device: {results['device']}. {results['docs']:,} documents (SciFact, then SciFact sentences recombined), "
         f"queued in batches of {results['batch_size']}; source collection embedded with a static model; "
         "reembed figures are `migrate` → `complete` (verified by a full diff), model preloaded in each worker, "
-        "while a thread searched the alias every 0.2 s. Limit = `SentenceTransformer.encode` alone on all cores "
-        "(best batch size). Naive = read all + Chroma's `SentenceTransformerEmbeddingFunction` + `add` (search down).",
+        "while a thread searched the alias (hybrid) every 0.2 s. Limit = `SentenceTransformer.encode` alone on all "
+        "cores (best batch size), its transformer on the runtime of the row. Naive = read all + Chroma's "
+        "`SentenceTransformerEmbeddingFunction` (torch) + `add`, search down meanwhile. "
+        f"Naive and reembed with {top} workers ran {rounds} time(s), interleaved; their figures are medians, "
+        f"and *{top}w ÷ naive* is the median of the per-round ratios (min–max). Limits and 1 worker: round 1.",
         "",
-        "| model | limit docs/s | naive docs/s | reembed 1 worker | reembed 2 workers | 1w ÷ limit | 2w ÷ limit "
-        "| 2w ÷ naive | 2w ÷ 1w | searches ok / failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| model | runtime | limit docs/s | naive docs/s | reembed 1 worker | reembed {top} workers | 1w ÷ limit "
+        f"| {top}w ÷ limit | {top}w ÷ naive | {top}w ÷ 1w | searches ok / failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, row in results["models"].items():
-        lim, nai = row["limit"]["docs_per_s"], row["naive"]["docs_per_s"]
-        one, two = row.get("reembed_1", {}), row.get("reembed_2", {})
-        r1, r2 = one.get("docs_per_s", float("nan")), two.get("docs_per_s", float("nan"))
-        searches = " · ".join(f"{r['searches']['ok']} / {r['searches']['failed']}" for r in (one, two) if r)
-        lines.append(f"| {_name(model)} | {lim:.1f} (batch {row['limit']['batch_size']}) | {nai:.1f} | {r1:.1f} | "
-                     f"{r2:.1f} | {r1 / lim:.2f} | {r2 / lim:.2f} | {r2 / nai:.2f} | {r2 / r1:.2f} | {searches} |")
-    lines += ["", "Where a batch's time goes (ms per batch, summed over the batch's chunks; writes overlap the "
-              "next chunk's embedding, so *write wait* is the part of the write that was not hidden):", "",
-              "| model | workers | fetch (pump) | embed | Chroma write | write wait | bookkeeping | worker peak RSS MB "
-              "| Redis peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+        naive_rates = [r["docs_per_s"] for r in row["naive"]]
+        for backend, limit in row["limit"].items():
+            ones, tops = row["reembed"].get(f"{backend}_1", []), row["reembed"].get(f"{backend}_{top}", [])
+            lim = limit["docs_per_s"]
+            r1 = ones[0]["docs_per_s"] if ones else float("nan")
+            rt = _median([r["docs_per_s"] for r in tops])
+            ratios = [r["docs_per_s"] / n for r, n in zip(tops, naive_rates, strict=False)]
+            spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+            searches = " · ".join(f"{r['searches']['ok']} / {r['searches']['failed']}" for r in ones[:1] + tops)
+            lines.append(f"| {_name(model)} | {backend} | {lim:.1f} (batch {limit['batch_size']}) | "
+                         f"{_median(naive_rates):.1f} | {r1:.1f} | {rt:.1f} | {r1 / lim:.2f} | {rt / lim:.2f} | "
+                         f"{_median(ratios):.2f}{spread} | {rt / r1:.2f} | {searches} |")
+    if rounds > 1:
+        lines += ["", "Each round (docs/s):", "",
+                  "| model | round | naive | " + " | ".join(f"reembed {top}w {b}" for b in results["backends"]) + " |",
+                  "|---|---|---|" + "---|" * len(results["backends"])]
+        for model, row in results["models"].items():
+            for i, nai in enumerate(row["naive"]):
+                cells = [f"{row['reembed'][f'{b}_{top}'][i]['docs_per_s']:.1f} "
+                         f"({row['reembed'][f'{b}_{top}'][i]['docs_per_s'] / nai['docs_per_s']:.2f}×)"
+                         for b in results["backends"] if i < len(row["reembed"].get(f"{b}_{top}", []))]
+                lines.append(f"| {_name(model)} | {i + 1} | {nai['docs_per_s']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Where the time goes, round 1 (ms per batch, summed over the batch's chunks; writes overlap the next "
+              "chunk's embedding, so *write wait* is the part of the write that was not hidden; *before* / *after*: "
+              "seconds from `migrate` to the first batch's start and from the last batch's end to `complete` seen; "
+              "*busy*: share of the workers' time in between spent inside a batch):", "",
+              "| model | runtime | workers | fetch (pump) | embed | Chroma write | write wait | bookkeeping | before s "
+              "| after s | busy | worker peak RSS MB | Redis peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, row in results["models"].items():
-        for key in sorted(k for k in row if k.startswith("reembed_")):
-            r, t = row[key], row[key]["per_batch_ms"]
+        order = {b: i for i, b in enumerate(results["backends"])}
+        for key in sorted(row["reembed"], key=lambda k: (order.get(k.rsplit("_", 1)[0], 0), int(k.rsplit("_", 1)[1]))):
+            r = row["reembed"][key][0]
+            t, line = r["per_batch_ms"], r.get("timeline", {})
             fetch = f"{t['fetch']:.0f}" if "fetch" in t else "-"
-            lines.append(f"| {_name(model)} | {key.split('_')[1]} | {fetch} | {t.get('embed', 0):.0f} | {t.get('write', 0):.0f} | "
-                         f"{t.get('write_wait', 0):.0f} | {t.get('bookkeeping', 0):.1f} | {r['worker_peak_rss_mb']:.0f} "
-                         f"| {r['redis_peak_mb']:.1f} |")
+            backend, workers = key.rsplit("_", 1)
+            lines.append(f"| {_name(model)} | {backend} | {workers} | {fetch} | {t.get('embed', 0):.0f} | "
+                         f"{t.get('write', 0):.0f} | {t.get('write_wait', 0):.0f} | {t.get('bookkeeping', 0):.1f} | "
+                         f"{line.get('before_first_batch_s', float('nan')):.1f} | "
+                         f"{line.get('after_last_batch_s', float('nan')):.1f} | {line.get('workers_busy', 0):.0%} | "
+                         f"{r['worker_peak_rss_mb']:.0f} | {r['redis_peak_mb']:.1f} |")
+    suffix = f" — {section}" if section else ""
+    write_section("Migration throughput (bench/bench_migration.py)" + suffix, "\n".join(lines))
+    print("\n".join(lines))
     if results["scale"]:
-        lines += ["", "Growth with corpus size (static model m2v-mpnet-256 → m2v-minilm-256, 2 workers, batches "
-                  "of 512):", "", "| documents | docs/s | worker peak RSS MB | Redis peak MB | searches ok / failed |",
+        growth = ["Static model m2v-mpnet-256 → m2v-minilm-256, 2 workers, batches of 512, a keyword search "
+                  "every 0.2 s:", "", "| documents | docs/s | worker peak RSS MB | Redis peak MB | searches ok / failed |",
                   "|---|---|---|---|---|"]
         for size, r in results["scale"].items():
-            lines.append(f"| {int(size):,} | {r['docs_per_s']:.0f} | {r['worker_peak_rss_mb']:.0f} | "
-                         f"{r['redis_peak_mb']:.1f} | {r['searches']['ok']} / {r['searches']['failed']} |")
-    title = "Migration throughput (bench/bench_migration.py)" + (f" — {section}" if section else "")
-    write_section(title, "\n".join(lines))
-    print("\n".join(lines))
+            growth.append(f"| {int(size):,} | {r['docs_per_s']:.0f} | {r['worker_peak_rss_mb']:.0f} | "
+                          f"{r['redis_peak_mb']:.1f} | {r['searches']['ok']} / {r['searches']['failed']} |")
+        write_section("Migration growth with corpus size (bench/bench_migration.py)" + suffix, "\n".join(growth))
+        print("\n".join(growth))
 
 
 if __name__ == "__main__":
