@@ -127,7 +127,12 @@ def _sync(device: str) -> None:
 def naive(settings: Settings, source: str, model_name: str, device: str) -> dict[str, Any]:
     """Read everything, re-create with Chroma's own embedding function, add back. Search is down meanwhile."""
     import chromadb
+    import torch
     from chromadb.utils.embedding_functions import SentenceTransformerEmbeddingFunction
+
+    # The recipe runs with torch's default, every core. This process's earlier searchers loaded
+    # models through reembed, which sets torch to one thread per process (REEMBED_TORCH_THREADS).
+    torch.set_num_threads(os.cpu_count() or 1)
 
     port = int(settings.chroma_url.rsplit(":", 1)[1])
     client = chromadb.HttpClient(host="127.0.0.1", port=port)

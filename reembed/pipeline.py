@@ -76,6 +76,15 @@ def length_sorted_batches(docs: list[Document], batch_size: int) -> list[list[Do
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def scan_window(cursor: int, docs: list[Document], batch_size: int) -> list[tuple[str, list[Document]]]:
+    """The batches of the scan window at ``cursor``, named ``s-CURSOR-J`` (J: rank by length, so
+    a window re-sent after a crash gets the same names), in sending order: longest first. The
+    workers then end each window, and the migration, on its shortest batches, so no worker idles
+    long while another finishes a long one."""
+    batches = length_sorted_batches(docs, batch_size) if docs else [[]]
+    return [(f"s-{cursor}-{j}", batches[j]) for j in reversed(range(len(batches)))]
+
+
 def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, migration_id: str,
          max_waiting: int, keep_feeding_s: float = PUMP_FEED_S, lost_after_s: float = 1200.0) -> bool:
     """Send batches while fewer than ``max_waiting`` are in flight, for up to ``keep_feeding_s``
@@ -155,14 +164,11 @@ def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, re
         progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
         if page.ids:
             docs = _docs(page.ids, page.documents, page.metadatas, skipped)
-            batches = length_sorted_batches(docs, record.batch_size) if docs else [[]]
-            named = {f"s-{cursor}-{j}": batch for j, batch in enumerate(batches)}
-            progress.mark_in_flight({b: [d.id for d in batch] for b, batch in named.items()})
-            # Longest first: the workers then end a window (and the migration) on its shortest
-            # batches, so no worker sits idle for long while another finishes a long one.
-            for batch_id, batch in reversed(named.items()):
+            named = scan_window(cursor, docs, record.batch_size)
+            progress.mark_in_flight({b: [d.id for d in batch] for b, batch in named})
+            for batch_id, batch in named:
                 send_batch(app, record.id, batch_id, batch, record.alias)
-            progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(batches))
+            progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(named))
             return False
     else:
         with redis_errors("reading the catch-up list"):

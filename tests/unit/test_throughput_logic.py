@@ -16,7 +16,7 @@ import pytest
 from reembed.documents import Document
 from reembed.errors import ConfigError, StoreUnavailableError
 from reembed.models import embed_batch_size, pick_device, use_half_precision
-from reembed.pipeline import length_sorted_batches
+from reembed.pipeline import length_sorted_batches, scan_window
 from reembed.runtimes import check_backend, parse_backend
 from reembed.settings import Settings
 from worker.embedding import FIRST_PASS_PREFIXES, embed_and_write
@@ -45,6 +45,17 @@ def test_runtime_setting_accepts_torch_and_openvino_and_names_the_fix_otherwise(
     for gpu in ("cuda", "cuda:1", "mps"):  # OpenVINO here is a CPU runtime
         with pytest.raises(ConfigError, match="REEMBED_DEVICE=cpu or REEMBED_BACKEND=torch"):
             check_backend("openvino", gpu)
+
+
+def test_a_scan_window_is_sent_longest_batch_first_under_stable_names() -> None:
+    docs = [Document(f"d{i}", "w " * ((i * 7) % 23 + 1), {}) for i in range(20)]
+    window = scan_window(640, docs, 6)
+    assert [name for name, _ in window] == ["s-640-3", "s-640-2", "s-640-1", "s-640-0"]
+    longest = [max(len(d.text) for d in batch) for _, batch in window]
+    assert longest == sorted(longest, reverse=True)
+    assert sorted(d.id for _, batch in window for d in batch) == sorted(d.id for d in docs)
+    assert scan_window(640, list(reversed(docs)), 6) == window  # re-sent after a crash: same names, same batches
+    assert scan_window(0, [], 6) == [("s-0-0", [])]  # a page whose documents were all skipped still counts
 
 
 def test_length_sorted_batches_are_deterministic_and_complete() -> None:
