@@ -350,7 +350,8 @@ def report(results: dict[str, Any], section: str) -> None:
         "cores (best batch size), its transformer on the runtime of the row. Naive = read all + Chroma's "
         "`SentenceTransformerEmbeddingFunction` (torch) + `add`, search down meanwhile. "
         f"Naive and reembed with {top} workers ran {rounds} time(s), interleaved; their figures are medians, "
-        f"and *{top}w ÷ naive* is the median of the per-round ratios (min–max). Limits and 1 worker: round 1.",
+        f"and *{top}w ÷ naive* is the median of the per-round ratios (min–max). Limits and 1 worker: round 1. "
+        f"*searches*: the 1-worker run, then each {top}-worker round.",
         "",
         f"| model | runtime | limit docs/s | naive docs/s | reembed 1 worker | reembed {top} workers | 1w ÷ limit "
         f"| {top}w ÷ limit | {top}w ÷ naive | {top}w ÷ 1w | searches ok / failed |",

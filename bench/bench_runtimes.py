@@ -75,9 +75,8 @@ def main() -> None:
                      f"({', '.join(f'{r:.2f}' for r in ratios)}) | {cosine:.7f} | {np.abs(a - b).max():.1e} | "
                      f"{convert_s:.0f} |")
         print(lines[-1], flush=True)
-    lines += ["", "*first conversion s*: loading both runtimes from scratch (mpnet's weights unzipped, the OpenVINO "
-              "conversion (cached afterwards "
-              "per model fingerprint under `DATA_DIR/cache/openvino`)."]
+    lines += ["", "*first conversion s*: loading both runtimes from scratch, mpnet's weights unzipped and the OpenVINO "
+              "conversion included (cached afterwards per model fingerprint under `DATA_DIR/cache/openvino`)."]
     write_section("Model runtimes on the CPU: torch vs OpenVINO (bench/bench_runtimes.py)", "\n".join(lines))
     print("\n".join(lines))
 
