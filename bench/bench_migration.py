@@ -2,18 +2,23 @@
 
 Three figures on the same documents, same device, same run:
 
-- **limit**: ``SentenceTransformer.encode`` alone (best batch size of a few tried, all CPU cores);
+- **limit**: ``SentenceTransformer.encode`` alone (best batch size of a few tried, all CPU cores),
+  once per runtime (torch, and OpenVINO where it is installed: ``REEMBED_BACKEND``);
 - **naive**: the guide's recipe: read every document, create a collection with Chroma's
   ``SentenceTransformerEmbeddingFunction`` and ``add`` them back (downtime: no search meanwhile);
 - **reembed**: ``migrate`` to ``complete`` (verified by diffing source and target) with 1 and with
-  2 worker processes (plus the control process), while a thread keeps searching the alias.
+  2 worker processes (plus the control process) per runtime, while a thread keeps searching the alias.
+
+The naive recipe and reembed with the most workers run ``--rounds`` times, interleaved, because
+a shared machine's speed drifts by more than the differences measured; ratios are taken per round.
 
 Also: where a batch's time goes (embed, Chroma write, waiting on the write, bookkeeping), peak
 memory of a worker process and of Redis, and how rate and memory grow from 1,000 to 100,000
 documents with a fast (static) model.
 
-Run: ``.venv/bin/python bench/bench_migration.py`` (about 15 minutes on 2 CPU cores). On a GPU:
-``--device cuda --docs 20000 --models DIR1,DIR2``. Writes a section of BENCHMARKS.md.
+Run: ``.venv/bin/python bench/bench_migration.py`` (about 60 minutes on 2 CPU cores; 40 without
+the growth runs: ``--scale ''``). On a GPU: ``--device cuda --docs 20000 --models DIR1,DIR2``.
+Writes its sections of BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Which runtime executes a model's transformer: torch (default) or OpenVINO on the CPU.
 
-Measured on this project's 2-core AMD EPYC (``bench/bench_migration.py``, and the probe in
-``tests/integration/test_runtimes.py``): OpenVINO runs MiniLM's transformer ~10 % faster than
-torch on one thread and mpnet's ~50 % faster, with vectors within 2e-7 of torch's (cosine
-0.9999999). ONNX Runtime (already installed with chromadb) gained at most 2 % and
+Measured on this project's 2-core AMD EPYC (``bench/bench_runtimes.py``): on one thread OpenVINO
+runs MiniLM 1.16 × and mpnet 1.54 × as fast as torch, with vectors within 2e-7 of torch's (cosine
+0.9999999; ``tests/integration/test_runtimes.py`` checks it, through real workers too). ONNX
+Runtime (already installed with chromadb) gained at most 2 % and
 sentence-transformers' own ONNX/OpenVINO backends need ``optimum``, whose releases pin
 transformers below what sentence-transformers 6 needs; so this module converts the model itself.
 
@@ -92,7 +92,7 @@ def use_openvino(model: SentenceTransformer, cache_dir: Path, threads: int) -> b
         "PERFORMANCE_HINT": "LATENCY",
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in bf16.
         "INFERENCE_PRECISION_HINT": "f32",
-        # Several worker processes share the machine: pinning would put each one's thread on core 0.
+        # Several worker processes share the machine and each pins on its own: two could pin to one core.
         "ENABLE_CPU_PINNING": False,
     })
 
