@@ -47,7 +47,7 @@ from reembed.models import fingerprint, model_dir, pick_device, resolve_model  #
 from reembed.progress import Progress  # noqa: E402
 from reembed.queue import QUEUE_BATCHES, QUEUE_CONTROL  # noqa: E402
 from reembed.registry import MigrationState  # noqa: E402
-from reembed.runtimes import use_openvino  # noqa: E402
+from reembed.runtimes import openvino_cache, use_openvino  # noqa: E402
 from reembed.services import LocalStack, Workers  # noqa: E402
 from reembed.settings import Settings  # noqa: E402
 from search import Searcher  # noqa: E402
@@ -100,7 +100,7 @@ def encode_limit(model_name: str, texts: list[str], device: str, backend: str = 
     if device.startswith("cuda"):
         model.half()
     if backend == "openvino":  # the same converted model the workers load (cached per fingerprint)
-        use_openvino(model, WORK / "cache" / "openvino" / fingerprint(spec, WORK).split(":", 1)[1], threads)
+        use_openvino(model, openvino_cache(WORK, fingerprint(spec, WORK)), threads)
     rates = {}
     if not batch_size:
         sample = texts[: min(len(texts), 384)]

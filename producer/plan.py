@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from reembed.errors import InputError
-from reembed.models import load_model, resolve_model
+from reembed.models import load_configured, resolve_model
 from reembed.registry import Registry
 from reembed.settings import Settings
 from reembed.store import Store
@@ -55,8 +55,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
             extra_bytes.append(len(text.encode("utf-8")) + len(json.dumps(meta or {})) + len(doc_id))
     if not texts:
         raise InputError(f"alias {alias!r} has no document with text; nothing to migrate")
-    model = load_model(spec, settings.data_dir, settings.device, settings.torch_threads, settings.embed_batch_size,
-                       settings.backend)
+    model = load_configured(settings, to_model)
     rng = random.Random(5)
     if len(texts) <= TOKENIZE_ALL_UP_TO:
         counted, scale, token_note = texts, 1.0, "every document"

@@ -25,7 +25,7 @@ import numpy as np
 import structlog
 
 from reembed.errors import ModelMismatchError, ModelNotFoundError
-from reembed.runtimes import check_backend, use_openvino
+from reembed.runtimes import check_backend, openvino_cache, use_openvino
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -370,11 +370,11 @@ def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", th
         ConfigError: the backend cannot run here (OpenVINO on a GPU, or not installed).
     """
     device = pick_device(device_setting)
-    check_backend(backend, device)
     key = (spec.name, device, backend)
     with _load_lock:
-        if key in _loaded:
+        if key in _loaded:  # the per-batch path: nothing else runs
             return _loaded[key]
+        check_backend(backend, device)
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -388,8 +388,8 @@ def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", th
         digest = fingerprint(spec, data_dir)
         runs_with = "torch"
         if backend == "openvino":
-            cache = data_dir / "cache" / "openvino" / digest.split(":", 1)[-1]
-            runs_with = "openvino" if use_openvino(model, cache, threads) else "torch"  # static models: torch
+            converted = use_openvino(model, openvino_cache(data_dir, digest), threads)
+            runs_with = "openvino" if converted else "torch"  # static models: torch
         loaded = LoadedModel(spec, digest, device, model, embed_batch_size(device, batch_size), runs_with)
         if spec.dimension is not None and loaded.dimension != spec.dimension:
             raise ModelMismatchError(

@@ -61,6 +61,11 @@ def check_backend(backend: str, device: str) -> None:
                               "or set REEMBED_BACKEND=torch") from None
 
 
+def openvino_cache(data_dir: Path, fingerprint: str) -> Path:
+    """Where a model's converted OpenVINO files live: one directory per model fingerprint."""
+    return data_dir / "cache" / "openvino" / fingerprint.split(":", 1)[-1]
+
+
 def transformer_module(model: SentenceTransformer) -> Any | None:
     """The model's first module when it is a text transformer producing token embeddings; None for
     anything else (a static embedding table has no transformer to speed up)."""

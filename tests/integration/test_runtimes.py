@@ -17,6 +17,7 @@ from producer import ControlPlane
 from reembed.errors import ConfigError
 from reembed.models import load_model, locate_weights_if_installed, resolve_model
 from reembed.registry import MigrationState
+from reembed.runtimes import openvino_cache
 from reembed.services import ChromaServer, Workers
 from tests.conftest import M2V_MINILM, SCIFACT, need
 from tests.integration.conftest import scifact_subset
@@ -40,7 +41,7 @@ def test_openvino_embeds_like_torch_and_caches_its_conversion(models_dir: Path) 
     ov_model = load_model(spec, models_dir, "cpu", threads=1, backend="openvino")
     # Then each says which runtime runs it, and the converted model is cached under its fingerprint
     assert (torch_model.backend, ov_model.backend) == ("torch", "openvino")
-    cached = models_dir / "cache" / "openvino" / ov_model.fingerprint.split(":", 1)[1] / "model.xml"
+    cached = openvino_cache(models_dir, ov_model.fingerprint) / "model.xml"
     assert cached.exists() and cached.with_suffix(".bin").stat().st_size > 80e6  # fp32 weights, not fp16
     # ... and their vectors agree far inside the 1e-3 cosine the issue allows, texts in any order
     a = torch_model.embed_documents(texts)
