@@ -18,7 +18,7 @@ import click
 
 from producer import ControlPlane
 from reembed.documents import demo_corpus_path, read_corpus
-from reembed.services import LocalStack
+from cli.services import LocalStack
 from reembed.settings import Settings
 from search import Searcher
 

@@ -22,7 +22,7 @@ import click
 
 from reembed.errors import ReembedError
 from reembed.logs import configure_logging
-from reembed.services import LocalStack
+from cli.services import LocalStack
 from reembed.settings import FIELDS, Settings
 
 #: Exit codes. 2 and 3 come from the error tree (``ReembedError.exit_code``).
@@ -232,7 +232,7 @@ def _control(verb: str, help_text: str, argument: str) -> None:
     @workers_option
     @json_option
     @click.pass_obj
-    def command(settings: Settings, workers: int | None, as_json: bool, **kwargs: str) -> None:
+    def command(settings: Settings, /, workers: int | None, as_json: bool, **kwargs: str) -> None:
         def run() -> None:
             from producer import ControlPlane
 
@@ -240,7 +240,12 @@ def _control(verb: str, help_text: str, argument: str) -> None:
             with stack(settings, workers if needs_workers else 0) as local:
                 cp = ControlPlane(local.settings)
                 result = getattr(cp, verb)(kwargs[argument])
-                if needs_workers and local.embedded:
+                # A cutover (or a rollback to a rolled-back target) may start a final catch-up:
+                # with an embedded Redis no other worker can see it, so run it here and wait.
+                catching_up = bool(result.get("catching_up")) and local.embedded
+                if catching_up:
+                    local.start_workers(workers or 1)
+                if (needs_workers and local.embedded) or catching_up:
                     cp.wait(result["migration_id"], on_progress=None if as_json else _progress_line)
                     result = cp.status(result["migration_id"])
             _emit(as_json, result)

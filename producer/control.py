@@ -3,6 +3,8 @@
 The CLI is a thin layer over :class:`ControlPlane`; other services can import it too, or send
 the ``reembed.migrate`` task by name without importing reembed at all. Nothing here loads a
 model: checks that need one (``adopt``) run on a worker through the ``reembed.check_vectors`` task.
+Every change of a migration's state is asked of its owner, ``reembed.lifecycle.Migration``;
+the rules of an alias (who may switch it, which collections it owns) are here.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import celery.exceptions
 import structlog
 
-from reembed import pipeline
-from reembed.documents import Document, read_corpus
+from reembed.documents import validate_corpus
 from reembed.errors import (
     AliasExistsError,
     InputError,
@@ -23,14 +25,26 @@ from reembed.errors import (
     MigrationStateError,
     ModelMismatchError,
     QueueUnavailableError,
+    WaitTimeoutError,
 )
+from reembed.lifecycle import FINAL_STATES, Migration
+from reembed.messages import CheckVectorsRequest, Outbox
 from reembed.migrations import check_alias_name, start_ingest, start_migration
 from reembed.models import fingerprint, resolve_model
-from reembed.progress import Progress, alias_lock, redis_client
-from reembed.queue import TASK_CHECK_VECTORS, TASK_FINALIZE, TASK_PUMP, client_app
-from reembed.registry import ACTIVE_STATES, Canary, CollectionRecord, MigrationRecord, MigrationState, Registry
+from reembed.pipeline import Feeder, diff
+from reembed.progress import alias_lock, redis_client
+from reembed.queue import client_app
+from reembed.registry import (
+    ACTIVE_STATES,
+    REGISTRY_COLLECTION,
+    Canary,
+    CollectionRecord,
+    MigrationRecord,
+    MigrationState,
+    Registry,
+)
 from reembed.settings import Settings
-from reembed.status import FINAL_STATES, migration_status
+from reembed.status import migration_status
 from reembed.store import Store
 
 log = structlog.get_logger(__name__)
@@ -47,48 +61,27 @@ class ControlPlane:
         self.store = Store(settings.chroma_url)
         self.registry = Registry(self.store)
         self.redis = redis_client(settings.redis_url)
-        self.app = client_app(settings)
+        self.outbox = Outbox(client_app(settings))
+
+    def migration(self, migration_id: str) -> Migration:
+        """The owner of one migration's state (raises MigrationNotFoundError)."""
+        return Migration.load(migration_id, self.registry, self.redis, self.outbox)
 
     # -- ingest ------------------------------------------------------------------------------
 
     def ingest(self, alias: str, file: Path, model: str, batch_size: int | None = None,
                skip_missing_text: bool = False) -> MigrationRecord:
         """Create ALIAS from a corpus file: validate it whole, then feed its batches to the workers."""
-        record = start_ingest(self.settings, self.store, self.registry, self.redis, alias=alias, file=file,
-                              model=model, batch_size=batch_size, skip_missing_text=skip_missing_text)
+        record = start_ingest(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
+                              file=file, model=model, batch_size=batch_size, skip_missing_text=skip_missing_text)
         self.feed_file(record, file)
         return record
 
     def feed_file(self, record: MigrationRecord, file: Path) -> None:
         """Send the file's batches under backpressure; safe to call again after a crash (resumes)."""
-        progress = Progress(self.redis, record.id)
-        skipped = progress.skipped_ids()
-        sent = int(progress.get().get("enqueued_batches", 0))
-        batch: list[Document] = []
-        index = 0
-        for doc in read_corpus(file):
-            if doc.id in skipped:
-                continue
-            batch.append(doc)
-            if len(batch) == record.batch_size:
-                sent = self._send_file_batch(progress, record, index, batch, sent)
-                index, batch = index + 1, []
-        if batch:
-            sent = self._send_file_batch(progress, record, index, batch, sent)
-            index += 1
-        progress.set(total_batches=index, enqueue_complete=1)
-        if progress.claim_finalize_if_done():
-            self.app.send_task(TASK_FINALIZE, kwargs={"migration_id": record.id})
-
-    def _send_file_batch(self, progress: Progress, record: MigrationRecord, index: int,
-                         batch: list[Document], sent: int) -> int:
-        if index < sent:  # already sent before a crash
-            return sent
-        while sent - progress.batches_done() >= self.settings.max_waiting_batches:
-            time.sleep(POLL_S)
-        pipeline.send_batch(self.app, record.id, f"f-{index}", batch, record.alias)
-        progress.set(cursor=index + 1, enqueued_batches=index + 1)
-        return index + 1
+        feeder = Feeder(Migration(record, self.registry, self.redis, self.outbox), None,
+                        self.settings.max_waiting_batches)
+        feeder.feed_file(file, lost_after_s=2.0 * self.settings.visibility_timeout_s)
 
     # -- adopt -------------------------------------------------------------------------------
 
@@ -102,6 +95,11 @@ class ControlPlane:
         check_alias_name(alias)
         if self.registry.has_alias(alias):
             raise AliasExistsError(f"alias {alias!r} already exists")
+        owner = self.registry.owners().get(collection)
+        if owner is not None or collection == REGISTRY_COLLECTION:
+            raise InputError(
+                f"collection {collection!r} belongs to alias {owner or 'reembed itself'!r}; one collection serves one "
+                f"alias (retiring one would delete the other's): search {owner!r} instead, or copy the collection")
         if self.store.count(collection) == 0:
             raise InputError(f"collection {collection!r} is empty; there is nothing to verify a model against")
         ef = self.store.configuration(collection).get("embedding_function") or {}
@@ -113,12 +111,16 @@ class ControlPlane:
             )
         spec = resolve_model(claimed)
         fp = fingerprint(spec, self.settings.data_dir)
-        check = self.app.send_task(TASK_CHECK_VECTORS, kwargs={"collection": collection, "model": spec.name})
+        if not self.outbox.workers():
+            raise QueueUnavailableError(f"no reembed worker is running to check the vectors of {collection!r}; "
+                                        "start one with `reembed worker` and run adopt again")
+        check = self.outbox.check_vectors(CheckVectorsRequest(collection=collection, model=spec.name))
         try:
             result: dict[str, Any] = check.get(timeout=timeout)
-        except TimeoutError:
-            raise QueueUnavailableError(f"no worker answered the model check within {timeout:.0f} s; start one "
-                                        "with `reembed worker`") from None
+        except (celery.exceptions.TimeoutError, TimeoutError):
+            check.revoke()
+            raise QueueUnavailableError(f"no worker answered the model check of {collection!r} within {timeout:.0f} s; "
+                                        "start one with `reembed worker` (it reads the reembed.control queue)") from None
         if not result["match"]:
             raise ModelMismatchError(
                 f"collection {collection!r} was not embedded with {spec.name!r}: stored vectors are "
@@ -140,11 +142,9 @@ class ControlPlane:
     def migrate(self, alias: str, to_model: str, batch_size: int | None = None, cutover: str = "auto",
                 skip_missing_text: bool = False) -> MigrationRecord:
         """Start a migration; workers pump and embed it. Returns at once with the record."""
-        record = start_migration(self.settings, self.store, self.registry, self.redis, alias=alias,
-                                 to_model=to_model, batch_size=batch_size, cutover=cutover,
-                                 skip_missing_text=skip_missing_text)
-        self.app.send_task(TASK_PUMP, kwargs={"migration_id": record.id})
-        return record
+        return start_migration(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
+                               to_model=to_model, batch_size=batch_size, cutover=cutover,
+                               skip_missing_text=skip_missing_text)
 
     # -- status and waiting ------------------------------------------------------------------
 
@@ -196,7 +196,8 @@ class ControlPlane:
                                                      and record.error is None):
                 return record
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"migration {migration_id} is still {record.state.value} after {timeout:.0f} s")
+                raise WaitTimeoutError(f"migration {migration_id} is still {record.state.value} after {timeout:.0f} s; "
+                                       f"follow it with `reembed status {migration_id} --watch`")
             time.sleep(POLL_S * 2)
 
     # -- cutover, rollback -------------------------------------------------------------------
@@ -205,44 +206,66 @@ class ControlPlane:
         """Point ALIAS at its latest migration's complete, verified target in one write.
 
         A final catch-up first: the target is diffed against the source once more, so writes made
-        since the migration completed are not lost. If they differ, a catch-up round starts and the
-        alias switches by itself when it completes (``catching_up`` in the answer says how many).
+        since the migration completed (or since a rollback) are not lost. If they differ, a
+        catch-up round starts and the alias switches by itself when it completes
+        (``catching_up`` in the answer says how many documents).
         """
         record = self.registry.latest_migration(alias)
         if record is None or record.kind != "migrate":
             raise MigrationStateError(f"alias {alias!r} has no migration to cut over to")
         if record.state not in (MigrationState.COMPLETE, MigrationState.ROLLED_BACK) or not record.verified:
+            hint = (f"wait for it (`reembed status {record.id} --watch`)" if record.state in ACTIVE_STATES
+                    else "start a new one with `reembed migrate`")
             raise MigrationStateError(
-                f"migration {record.id} is {record.state.value}; only a complete, verified target can go live"
-            )
-        if record.state == MigrationState.COMPLETE:
-            progress = Progress(self.redis, record.id)
-            exclude = (progress.failed_ids() | progress.skipped_ids()) if progress.exists() else set()
-            delta = pipeline.diff(self.store, record, exclude)
-            behind = len(delta["missing"]) + len(delta["stale"]) + len(delta["extra"])
-            if behind:
-                record = self.registry.transition(record, MigrationState.RUNNING, cutover="auto")
-                if not progress.exists():
-                    progress.init(record.total, MigrationState.RUNNING.value)
-                progress.set(state=MigrationState.RUNNING.value)
-                self.app.send_task(TASK_FINALIZE, kwargs={"migration_id": record.id})
-                log.info("final catch-up before cutover", alias=alias, migration_id=record.id, documents=behind)
-                return {**self.status(alias), "catching_up": behind}
-        pipeline.cutover(self.store, self.registry, self.redis, record)
+                f"migration {record.id} is {record.state.value}; only a complete, verified target can go live: {hint}")
+        current = self.registry.get_alias(alias)
+        if current.live_collection == record.target_collection:
+            return {**self.status(alias), "catching_up": 0}
+        if current.live_collection != record.source_collection:
+            raise MigrationStateError(
+                f"alias {alias!r} serves {current.live_collection!r}, not {record.source_collection!r} that migration "
+                f"{record.id} re-embedded; start a new migration of what it serves now")
+        migration = self.migration(record.id)
+        exclude = (migration.progress.failed_ids() | migration.progress.skipped_ids()) \
+            if migration.progress.exists() else set()
+        delta = diff(self.store, record, exclude)
+        behind = len(delta["missing"]) + len(delta["stale"]) + len(delta["extra"])
+        if behind:
+            migration.restart("final catch-up before cutover", verify=True, cutover="auto")
+            log.info("final catch-up before cutover", alias=alias, migration_id=record.id, documents=behind)
+            return {**self.status(alias), "catching_up": behind}
+        migration.go_live(self.store)
         return {**self.status(alias), "catching_up": 0}
 
     def rollback(self, alias: str) -> dict[str, Any]:
-        """Point ALIAS back at its previous collection in one write; both collections are kept."""
+        """Point ALIAS back at its previous collection in one write; both collections are kept.
+
+        Refused while a migration of ALIAS runs or waits for its cutover (its source would stop
+        being what the alias serves; cancel it first). Going back to the target of a migration
+        that was rolled back is that migration's cutover again, final catch-up included.
+        Writes through reembed reach the previous collection too (``Writer.targets``), so the
+        collection rolled back to already holds them.
+        """
+        current = self.registry.get_alias(alias)
+        for record in self.registry.migrations(alias):
+            waiting = record.state == MigrationState.COMPLETE and record.target_collection != current.live_collection
+            if record.state in ACTIVE_STATES or waiting:
+                raise MigrationStateError(
+                    f"migration {record.id} of alias {alias!r} is {record.state.value}; a rollback now would switch "
+                    f"the alias away from the collection it re-embeds: `reembed cancel {record.id}` first")
+        if not current.previous_collection:
+            raise MigrationStateError(f"alias {alias!r} has no previous collection to roll back to")
+        if not self.store.exists(current.previous_collection):
+            raise MigrationStateError(f"previous collection {current.previous_collection!r} no longer exists")
+        latest = self.registry.latest_migration(alias)
+        if (latest is not None and latest.state == MigrationState.ROLLED_BACK
+                and latest.target_collection == current.previous_collection):
+            return self.cutover(alias)
         with alias_lock(self.redis, alias):
-            current = self.registry.get_alias(alias)
-            if not current.previous_collection:
-                raise MigrationStateError(f"alias {alias!r} has no previous collection to roll back to")
-            if not self.store.exists(current.previous_collection):
-                raise MigrationStateError(f"previous collection {current.previous_collection!r} no longer exists")
             self.registry.switch_alias(alias, current.previous_collection, current.generation)
-        record = self.registry.latest_migration(alias)
-        if record and record.state == MigrationState.LIVE and record.target_collection == current.live_collection:
-            self.registry.transition(record, MigrationState.ROLLED_BACK)
+        for record in self.registry.migrations(alias):
+            if record.state == MigrationState.LIVE and record.target_collection == current.live_collection:
+                self.migration(record.id).rolled_back()
         log.info("alias rolled back", alias=alias, collection=current.previous_collection)
         return self.status(alias)
 
@@ -301,6 +324,7 @@ class ControlPlane:
             if record.state in ACTIVE_STATES or record.state == MigrationState.COMPLETE:
                 keep |= {record.target_collection}
             seen |= {c for c in (record.source_collection, record.target_collection) if c}
+        keep |= {name for name, owner in self.registry.owners().items() if owner != alias}
         existing = {c for c in seen if self.store.exists(c)}
         previous = current.previous_collection if current.previous_collection in existing else None
         return {"alias": alias, "keep": sorted(keep & existing),
@@ -325,51 +349,31 @@ class ControlPlane:
     # -- pause, resume, cancel ---------------------------------------------------------------
 
     def pause(self, migration_id: str) -> dict[str, Any]:
-        record = self.registry.get_migration(migration_id)
-        record = self.registry.transition(record, MigrationState.PAUSED)
-        Progress(self.redis, migration_id).set(state=MigrationState.PAUSED.value)
-        return self.migration_status(record)
+        return self.migration_status(self.migration(migration_id).pause())
 
     def resume(self, migration_id: str) -> dict[str, Any]:
-        """Continue a paused migration, or rebuild one whose Redis state was lost.
+        """Continue a paused or failed migration, or rebuild one whose Redis state was lost.
 
         After a Redis loss the queue and the counters are gone; the durable record survives in
-        Chroma. Resuming then diffs source and target and feeds only what is missing.
+        Chroma. Resuming then diffs source and target and feeds only what is missing (an ingest
+        feeds its file again: ids already written are skipped and counted once).
         """
-        record = self.registry.get_migration(migration_id)
-        progress = Progress(self.redis, migration_id)
+        migration = self.migration(migration_id)
+        record = migration.record
         if record.state not in (MigrationState.PAUSED, MigrationState.RUNNING, MigrationState.VERIFYING,
                                 MigrationState.FAILED):
             raise MigrationStateError(f"migration {migration_id} is {record.state.value}; nothing to resume")
+        if record.kind == "ingest" and (record.source_file is None or not Path(record.source_file).exists()):
+            raise InputError(f"ingest {migration_id} needs its file {record.source_file!r} to resume")
+        record = migration.restart("resume")
         if record.kind == "ingest":
-            if record.source_file is None or not Path(record.source_file).exists():
-                raise InputError(f"ingest {migration_id} needs its file {record.source_file!r} to resume")
-            record = self.registry.transition(record, MigrationState.RUNNING)
-            if not progress.exists():
-                progress.init(record.total, MigrationState.RUNNING.value)
-            progress.set(state=MigrationState.RUNNING.value)
+            assert record.source_file is not None
+            if not migration.progress.skipped_ids():
+                migration.progress.record_skipped(dict.fromkeys(validate_corpus(Path(record.source_file))[1],
+                                                                "document has no text"))
             self.feed_file(record, Path(record.source_file))
-            return self.migration_status(record)
-        record = self.registry.transition(record, MigrationState.RUNNING)
-        if progress.exists():
-            progress.set(state=MigrationState.RUNNING.value)
-            self.app.send_task(TASK_PUMP, kwargs={"migration_id": migration_id})
-        else:
-            log.warning("progress lost, rebuilding by diff", migration_id=migration_id)
-            progress.init(record.total, MigrationState.RUNNING.value)
-            self.app.send_task(TASK_FINALIZE, kwargs={"migration_id": migration_id})
         return self.migration_status(record)
 
     def cancel(self, migration_id: str) -> dict[str, Any]:
         """Stop a migration and delete its partial target; the source is never touched."""
-        record = self.registry.get_migration(migration_id)
-        if record.state in (MigrationState.LIVE, MigrationState.ROLLED_BACK):
-            raise MigrationStateError(f"migration {migration_id} went live; use rollback, not cancel")
-        alias = self.registry.get_alias(record.alias) if self.registry.has_alias(record.alias) else None
-        if alias and alias.live_collection == record.target_collection:
-            raise MigrationStateError(f"collection {record.target_collection!r} is live for {record.alias!r}")
-        record = self.registry.transition(record, MigrationState.CANCELLED, finished_at=time.time())
-        Progress(self.redis, migration_id).set(state=MigrationState.CANCELLED.value)
-        if record.target_collection != record.source_collection and self.store.exists(record.target_collection):
-            self.store.delete(record.target_collection)
-        return self.migration_status(record)
+        return self.migration_status(self.migration(migration_id).cancel(self.store))

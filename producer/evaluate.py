@@ -26,8 +26,8 @@ from reembed.models import LoadedModel, load_configured, resolve_model
 from reembed.registry import MigrationRecord, MigrationState, Registry
 from reembed.settings import Settings
 from reembed.store import PAGE_SIZE, Store
-from search.bm25 import Bm25Index, IndexSignature
-from search.fusion import reciprocal_rank_fusion
+from reembed.bm25 import Bm25Index, IndexSignature
+from reembed.fusion import reciprocal_rank_fusion
 
 log = structlog.get_logger(__name__)
 
@@ -54,11 +54,12 @@ class Evaluator:
             return model.embed_documents(texts), "embedded here"
         from celery.exceptions import TimeoutError as CeleryTimeout
 
-        from reembed.queue import TASK_EMBED, client_app
+        from reembed.messages import EmbedRequest, Outbox
+        from reembed.queue import client_app
         from reembed.vectors import decode_vectors
 
-        app = client_app(self.settings)
-        pending = [app.send_task(TASK_EMBED, kwargs={"model": model.spec.name, "texts": texts[i:i + EMBED_CHUNK]})
+        outbox = Outbox(client_app(self.settings))
+        pending = [outbox.embed(EmbedRequest(model=model.spec.name, texts=texts[i:i + EMBED_CHUNK]))
                    for i in range(0, len(texts), EMBED_CHUNK)]
         parts, devices = [], set()
         for result in pending:
@@ -177,7 +178,7 @@ class Evaluator:
             "old": dict(zip(qids, ev.dense_rankings(old_model.embed_queries(qtexts), old_vectors, ids, DEPTH), strict=True)),
             "new": dict(zip(qids, ev.dense_rankings(new_model.embed_queries(qtexts), new_vectors, ids, DEPTH), strict=True)),
         }
-        index = Bm25Index.build(IndexSignature("evaluation", len(ids), 0), ids, texts_used, [None] * len(ids))
+        index = Bm25Index.build(IndexSignature("evaluation", len(ids), 0), ids, list(texts_used), [None] * len(ids))
         runs["bm25"] = {q: [h.id for h in index.query(queries[q], DEPTH)] for q in qids}
         for side in ("old", "new"):
             runs[f"hybrid-{side}"] = {q: [f.id for f in reciprocal_rank_fusion(
@@ -197,7 +198,7 @@ class Evaluator:
             "min_gain": min_gain, "tolerance": tolerance, "verdict": decision,
         }
         if target is not None:
-            self.registry.put_migration(target.model_copy(update={"verdict": decision}))
+            self.registry.record_verdict(target.id, decision)
         log.info("evaluation done", alias=alias, verdict=decision, mean=round(diff.mean, 4))
         return report
 

@@ -49,15 +49,27 @@ class Writer:
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
 
     def targets(self, alias: str) -> list[WriteTarget]:
-        """The live collection, and the running (or complete, not yet live) migration's target."""
+        """Every collection the alias serves or may serve next, live first: the live collection, the
+        previous one (what a rollback switches to), and the target of a migration of the live
+        collection that is running or waits for its cutover (a canary serves that target too).
+
+        Writing all of them is what makes rollback, a cutover after a rollback, and a second
+        rollback lossless: whichever collection the alias switches to already holds the write.
+        """
         current = self.registry.get_alias(alias)
-        live = self.registry.get_collection(current.live_collection)
-        found = [WriteTarget(live.name, live.model, live.fingerprint, "live")]
+        names = [(current.live_collection, "live")]
+        if current.previous_collection:
+            names.append((current.previous_collection, "previous"))
         record = self.registry.latest_migration(alias)
         if (record is not None and record.kind == "migrate" and record.state in _WRITE_THROUGH
-                and record.target_collection != current.live_collection and self.store.exists(record.target_collection)):
-            found.append(WriteTarget(record.target_collection, record.to_model, record.to_fingerprint,
-                                     "migration target"))
+                and record.source_collection == current.live_collection):
+            names.append((record.target_collection, "migration target"))
+        found: list[WriteTarget] = []
+        for name, role in names:
+            if any(t.collection == name for t in found) or (role != "live" and not self.store.exists(name)):
+                continue
+            collection = self.registry.get_collection(name)
+            found.append(WriteTarget(name, collection.model, collection.fingerprint, role))
         return found
 
     def _model(self, target: WriteTarget) -> LoadedModel:
@@ -88,7 +100,8 @@ class Writer:
             model = self._model(target)
             vectors = model.embed_documents(texts)
             metas = [provenance(model, d.text, d.metadata) for d in documents]
-            write = self.store.add if only_new else self.store.upsert
+            # Only the live collection was checked for existing ids; elsewhere replace whatever is there.
+            write = self.store.add if only_new and target.role == "live" else self.store.upsert
             write(target.collection, ids=ids, embeddings=vectors, documents=texts, metadatas=metas)
         return self._done(alias, "add" if only_new else "upsert", targets, len(documents))
 

@@ -17,7 +17,8 @@
     ├── AliasNotFoundError
     ├── AliasExistsError
     ├── MigrationNotFoundError
-    └── MigrationStateError         the migration is not in a state that allows this
+    ├── MigrationStateError         the migration is not in a state that allows this
+    └── WaitTimeoutError            a migration did not end within the time a caller waited
 
 Workers retry ``RetryableError`` with backoff; anything else in a batch is permanent and is
 isolated by splitting the batch (see ``worker.embedding``).
@@ -107,3 +108,9 @@ class MigrationNotFoundError(ReembedError):
 
 class MigrationStateError(ReembedError):
     """The migration's state does not allow the operation (e.g. cutover before complete)."""
+
+
+class WaitTimeoutError(ReembedError):
+    """A caller waited for a migration longer than it allowed; the migration itself goes on."""
+
+    exit_code = 4

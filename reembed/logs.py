@@ -10,7 +10,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
@@ -36,14 +37,14 @@ class Redactor:
             text = text.replace(secret, "***")
         return text
 
-    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
         return {k: self.clean(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
-def configure_logging(settings: Settings, stream: object = None) -> None:
+def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     """Route structlog and stdlib logging through one renderer on stderr."""
     out = stream or sys.stderr
-    as_json = settings.log_format == "json" or (settings.log_format == "auto" and not out.isatty())  # type: ignore[attr-defined]
+    as_json = settings.log_format == "json" or (settings.log_format == "auto" and not out.isatty())
     redact = Redactor((settings.api_key,))
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -60,7 +61,7 @@ def configure_logging(settings: Settings, stream: object = None) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(out)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,

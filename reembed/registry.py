@@ -53,7 +53,7 @@ TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
     S.VERIFYING: frozenset({S.RUNNING, S.COMPLETE, S.FAILED, S.CANCELLED, S.PAUSED}),
     S.COMPLETE: frozenset({S.LIVE, S.RUNNING, S.CANCELLED}),
     S.LIVE: frozenset({S.ROLLED_BACK}),
-    S.ROLLED_BACK: frozenset({S.LIVE}),
+    S.ROLLED_BACK: frozenset({S.LIVE, S.RUNNING}),  # RUNNING: the final catch-up of a cutover again
     S.CANCELLED: frozenset(),
     S.FAILED: frozenset({S.RUNNING, S.CANCELLED}),
 }
@@ -128,7 +128,7 @@ class Registry:
         self.store = store
         with mapped_errors("opening the reembed registry"):
             self._col = store.client.get_or_create_collection(
-                REGISTRY_COLLECTION, embedding_function=None,  # type: ignore[arg-type]
+                REGISTRY_COLLECTION, embedding_function=None,
                 metadata={"reembed": "registry", "version": 1},
             )
 
@@ -138,7 +138,7 @@ class Registry:
         meta: dict[str, Any] = {"kind": kind, **(extra or {})}
         with mapped_errors(f"writing registry record {kind}/{key}"):
             self._col.upsert(ids=[f"{kind}/{key}"], documents=[record.model_dump_json()],
-                             metadatas=[meta], embeddings=[_DUMMY_VECTOR])
+                             metadatas=[meta], embeddings=[_DUMMY_VECTOR])  # type: ignore[arg-type]
 
     def _get(self, kind: str, key: str) -> str | None:
         with mapped_errors(f"reading registry record {kind}/{key}"):
@@ -212,6 +212,23 @@ class Registry:
         self._put("alias", alias, record)
         return record
 
+    def owners(self) -> dict[str, str]:
+        """Every collection some alias needs, and that alias: live, previous (a rollback's) and
+        canary collections, and the source and target of every migration not yet over or
+        waiting for its cutover. One collection belongs to one alias."""
+        found: dict[str, str] = {}
+        for alias in self.aliases():
+            for name in (alias.live_collection, alias.previous_collection,
+                         alias.canary.collection if alias.canary else None):
+                if name:
+                    found.setdefault(name, alias.alias)
+        for record in self.migrations():
+            if record.state in ACTIVE_STATES or record.state == MigrationState.COMPLETE:
+                for name in (record.source_collection, record.target_collection):
+                    if name:
+                        found.setdefault(name, record.alias)
+        return found
+
     # -- collections -------------------------------------------------------------------------
 
     def put_collection(self, record: CollectionRecord) -> None:
@@ -228,6 +245,10 @@ class Registry:
     def put_migration(self, record: MigrationRecord) -> None:
         record.updated_at = time.time()
         self._put("migration", record.id, record, {"alias": record.alias, "created_at": record.created_at})
+
+    def record_verdict(self, migration_id: str, verdict: str) -> None:
+        """An evaluation's verdict (GO / NO-GO / INCONCLUSIVE) on the migration it judged; not a state."""
+        self.put_migration(self.get_migration(migration_id).model_copy(update={"verdict": verdict}))
 
     def get_migration(self, migration_id: str) -> MigrationRecord:
         raw = self._get("migration", migration_id)
@@ -246,11 +267,13 @@ class Registry:
         return found[0] if found else None
 
     def transition(self, record: MigrationRecord, new: MigrationState, **changes: Any) -> MigrationRecord:
-        """Move a migration to ``new`` if the state machine allows it, and persist it.
+        """Move a migration to ``new`` if the state machine allows it from its *stored* state, and
+        persist it. Only ``reembed.lifecycle.Migration`` calls this.
 
         Raises:
             MigrationStateError: the move is not allowed from the current state.
         """
+        record = self.get_migration(record.id)  # the durable state, not a copy another process changed
         if new != record.state and new not in TRANSITIONS[record.state]:
             raise MigrationStateError(
                 f"migration {record.id} is {record.state.value}; it cannot become {new.value}"

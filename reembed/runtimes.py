@@ -132,7 +132,8 @@ def _converted(model: SentenceTransformer, module: Any, names: list[str], cache_
                 self.inner = inner
 
             def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-                return self.inner(**dict(zip(names, tensors, strict=True))).last_hidden_state
+                hidden: torch.Tensor = self.inner(**dict(zip(names, tensors, strict=True))).last_hidden_state
+                return hidden
 
         example = model.tokenize(["reembed converts this model once", "and caches it"])
         with warnings.catch_warnings():  # tracer warnings about shapes: noise in a worker's JSON log

@@ -170,7 +170,7 @@ def _float(raw: Mapping[str, str], name: str, low: float, high: float) -> float:
 def _bounded(raw: Mapping[str, str], name: str, low: float, high: float, kind: type, what: str) -> float:
     """Parse ``REEMBED_<name>`` with ``kind`` and check it lies in ``low..high``."""
     try:
-        value = kind(raw[name])
+        value = float(kind(raw[name]))
     except ValueError:
         raise ConfigError(f"REEMBED_{name}={raw[name]!r} is not {what}") from None
     if not low <= value <= high:

@@ -10,11 +10,9 @@ from typing import Any
 
 import redis
 
+from reembed.lifecycle import current_state
 from reembed.progress import Progress
 from reembed.registry import MigrationRecord, MigrationState
-
-FINAL_STATES = frozenset({MigrationState.COMPLETE, MigrationState.LIVE, MigrationState.CANCELLED,
-                          MigrationState.FAILED, MigrationState.ROLLED_BACK})
 
 #: States whose progress must be in Redis; a record in one of them without it means Redis lost it.
 LOST_IF_NOT_IN_REDIS = frozenset({MigrationState.RUNNING, MigrationState.VERIFYING, MigrationState.PAUSED})
@@ -39,7 +37,7 @@ def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, 
         "migration_id": record.id, "kind": record.kind, "source_collection": record.source_collection,
         "source_file": record.source_file, "target_collection": record.target_collection,
         "from_model": record.from_model, "to_model": record.to_model, "to_fingerprint": record.to_fingerprint,
-        "state": fields.get("state", record.state.value) if record.state not in FINAL_STATES else record.state.value,
+        "state": current_state(record, fields.get("state")).value,
         **counts, "docs_per_s": round(rate, 2),
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
         "verified": record.verified, "cutover": record.cutover, "error": record.error,

@@ -77,15 +77,18 @@ class Store:
                 ssl=parsed.scheme == "https",
             )
 
-    def heartbeat(self) -> None:
-        with mapped_errors("heartbeat"):
-            self.client.heartbeat()
+    @classmethod
+    def from_client(cls, client: Any, url: str = "in-process") -> Store:
+        """A store over an already built chromadb client (tests use Chroma in process)."""
+        store = cls.__new__(cls)
+        store.url, store.client = url, client
+        return store
 
     def collection(self, name: str) -> Any:
         """An existing collection. Never builds its persisted embedding function: we embed ourselves."""
         with mapped_errors(f"opening collection {name!r}"):
             try:
-                return self.client.get_collection(name, embedding_function=None)  # type: ignore[arg-type]
+                return self.client.get_collection(name, embedding_function=None)
             except ValueError as exc:  # chromadb raises ValueError for a missing collection too
                 if "does not exist" in str(exc):
                     raise CollectionNotFoundError(f"collection {name!r} does not exist in Chroma at {self.url}") from exc
@@ -104,17 +107,13 @@ class Store:
             raise CollectionExistsError(f"collection {name!r} already exists; pick another name or delete it first")
         with mapped_errors(f"creating collection {name!r}"):
             return self.client.create_collection(
-                name, metadata=metadata, embedding_function=None,  # type: ignore[arg-type]
+                name, metadata=metadata, embedding_function=None,
                 configuration={"hnsw": {"space": "cosine"}},
             )
 
     def delete(self, name: str) -> None:
         with mapped_errors(f"deleting collection {name!r}"):
             self.client.delete_collection(name)
-
-    def list_names(self) -> list[str]:
-        with mapped_errors("listing collections"):
-            return [c.name for c in self.client.list_collections()]
 
     def configuration(self, name: str) -> dict[str, Any]:
         """The collection's persisted configuration (embedding function name and config, space)."""
@@ -150,9 +149,20 @@ class Store:
 
     def upsert(self, name: str, ids: list[str], embeddings: np.ndarray, documents: list[str],
                metadatas: list[dict[str, Any]]) -> None:
-        """Idempotent write: the same batch written twice leaves one copy of each document."""
+        """Add or **replace** documents: the same batch written twice leaves one copy of each.
+
+        Chroma's own upsert *merges* metadata into a stored record (a key the new version drops
+        stays), so the stored metadata would disagree with the document and its content hash.
+        Keys the stored version has and the new one lacks are therefore written as ``None``,
+        which Chroma treats as "remove this key".
+        """
         with mapped_errors(f"upserting {len(ids)} documents into {name!r}"):
-            self.collection(name).upsert(ids=ids, embeddings=embeddings, documents=documents, metadatas=metadatas)
+            col = self.collection(name)
+            stored = col.get(ids=list(ids), include=["metadatas"])
+            old = {i: (m or {}) for i, m in zip(stored["ids"], stored.get("metadatas") or [], strict=False)}
+            replaced = [{**dict.fromkeys(set(old.get(i, {})) - set(meta)), **meta}
+                        for i, meta in zip(ids, metadatas, strict=True)]
+            col.upsert(ids=ids, embeddings=embeddings, documents=documents, metadatas=replaced)
 
     def add(self, name: str, ids: list[str], embeddings: np.ndarray, documents: list[str],
             metadatas: list[dict[str, Any]]) -> None:

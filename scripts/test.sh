@@ -13,4 +13,6 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Static types first (strict, exceptions named in pyproject.toml): seconds, and a type error fails the run.
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"

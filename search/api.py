@@ -142,7 +142,8 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         return JSONResponse({"detail": errors}, status_code=422)
 
     def _searcher() -> Searcher:
-        return state["searcher"]
+        searcher: Searcher = state["searcher"]
+        return searcher
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

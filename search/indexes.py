@@ -22,6 +22,7 @@ import os
 import shutil
 import threading
 import time
+from typing import Any
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +31,7 @@ import structlog
 
 from reembed.errors import ReembedError, StoreError
 from reembed.store import Store
-from search.bm25 import Bm25Index, IndexSignature
+from reembed.bm25 import Bm25Index, IndexSignature
 
 log = structlog.get_logger(__name__)
 
@@ -139,7 +140,7 @@ class IndexManager:
         signature = signature or self.signature(collection)
         ids: list[str] = []
         documents: list[str | None] = []
-        metadatas: list[dict | None] = []
+        metadatas: list[dict[str, Any] | None] = []
         for page in self.store.pages(collection):
             ids.extend(page.ids)
             documents.extend(page.documents)

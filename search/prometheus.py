@@ -18,7 +18,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from reembed.errors import ReembedError
-from reembed.status import FINAL_STATES, migration_status
+from reembed.lifecycle import FINAL_STATES
+from reembed.status import migration_status
 
 if TYPE_CHECKING:
     from search.searcher import Searcher

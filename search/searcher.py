@@ -14,20 +14,26 @@ with :class:`~reembed.errors.StoreUnavailableError`. Redis is never on the query
 from __future__ import annotations
 
 import threading
+from typing import Any
 import time
 from collections.abc import Mapping
 
 import numpy as np
 
 from reembed.documents import user_metadata
-from reembed.errors import InputError, ModelMismatchError, ReembedError, StoreUnavailableError
+from reembed.errors import (
+    InputError,
+    ModelMismatchError,
+    ReembedError,
+    StoreUnavailableError,
+)
 from reembed.models import LoadedModel, load_configured
 from reembed.progress import read_writes, redis_client
 from reembed.registry import AliasRecord, CollectionRecord, Registry
 from reembed.settings import Settings
 from reembed.store import Page, Store
-from search.bm25 import Bm25Index, KeywordHit
-from search.fusion import reciprocal_rank_fusion
+from reembed.bm25 import Bm25Index, KeywordHit
+from reembed.fusion import reciprocal_rank_fusion
 from search.indexes import IndexManager
 from search.results import MODES, Hit, IndexInfo, Mode, Ranks, SearchResponse, ServedBy
 from search.routing import choose_collection
@@ -60,7 +66,8 @@ class Searcher:
         self.store = store or Store(settings.chroma_url)
         self.registry = Registry(self.store)
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
-        writes = (lambda name: read_writes(self.redis, name)) if self.redis is not None else None
+        client = self.redis
+        writes = (lambda name: read_writes(client, name)) if client is not None else None
         self.indexes = IndexManager(settings.data_dir / "bm25", self.store, writes, settings.index_refresh_s)
         self._aliases: dict[str, AliasRecord] = {}
         self._collections: dict[str, CollectionRecord] = {}
@@ -155,7 +162,7 @@ class Searcher:
         keyword: list[KeywordHit] = []
         index: Bm25Index | None = None
         semantic_ids: list[str] = []
-        semantic_rows: dict[str, tuple[float, str | None, dict]] = {}
+        semantic_rows: dict[str, tuple[float, str | None, dict[str, Any]]] = {}
         answered: Mode = mode
 
         if mode in ("keyword", "hybrid"):
@@ -176,7 +183,7 @@ class Searcher:
                 answered, degraded = "keyword", f"semantic retrieval unavailable ({exc}); answered by BM25 only"
             else:
                 page = page or Page(ids=[], documents=[], metadatas=[])
-                distances = page.distances if page.distances is not None else []
+                distances: Any = page.distances if page.distances is not None else []
                 for doc_id, doc, meta, dist in zip(page.ids, page.documents, page.metadatas, distances, strict=True):
                     semantic_ids.append(doc_id)
                     semantic_rows[doc_id] = (1.0 - float(dist), doc, meta or {})
@@ -192,7 +199,7 @@ class Searcher:
                               results=hits, took_ms=round((time.perf_counter() - started) * 1000, 2))
 
     def _assemble(self, mode: Mode, k: int, keyword: list[KeywordHit], semantic_ids: list[str],
-                  semantic_rows: dict[str, tuple[float, str | None, dict]], index: Bm25Index | None,
+                  semantic_rows: dict[str, tuple[float, str | None, dict[str, Any]]], index: Bm25Index | None,
                   rrf_k: int, weights: Mapping[str, float] | None) -> list[Hit]:
         keyword_rank = {h.id: h for h in keyword}
         semantic_rank = {doc_id: i for i, doc_id in enumerate(semantic_ids, start=1)}

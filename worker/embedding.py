@@ -8,7 +8,6 @@ every other document proceeds. Connection errors are *not* split: they propagate
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,19 +20,18 @@ import structlog
 
 from reembed.documents import provenance
 from reembed.errors import CollectionNotFoundError, ModelMismatchError, RetryableError
+from reembed.lifecycle import Migration
+from reembed.messages import BatchMessage, Outbox
 from reembed.models import LoadedModel
-from reembed.progress import MAX_DELIVERIES, Progress, redis_errors
+from reembed.progress import MAX_DELIVERIES
 from reembed.registry import MigrationRecord, MigrationState, Registry
 from reembed.store import Store
 
 log = structlog.get_logger(__name__)
 
 
-#: Batch id prefixes of a first pass (``s-`` scan of a source collection, ``f-`` corpus file):
-#: their first delivery writes with ``add``.
-FIRST_PASS_PREFIXES = ("s-", "f-")
 #: States in which a batch is embedded and written.
-RUNNING_STATES = (MigrationState.RUNNING.value, MigrationState.VERIFYING.value)
+RUNNING_STATES = (MigrationState.RUNNING, MigrationState.VERIFYING)
 
 
 class PausedError(RetryableError):
@@ -48,7 +46,6 @@ class BatchOutcome:
     written: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     dropped: str | None = None  # why the batch was not processed at all
-    finished_migration: bool = False
 
 
 def embed_isolating(embed: Callable[[list[str]], np.ndarray], ids: list[str], texts: list[str],
@@ -83,34 +80,24 @@ _records: dict[str, MigrationRecord] = {}
 _probe_checked: set[str] = set()
 
 
-def migration_state(progress: Progress, registry: Registry, migration_id: str,
-                    ) -> tuple[str, MigrationRecord, bool]:
-    """The state from Redis (fast path), falling back to the durable record.
-
-    Returns:
-        (state, record, whether Redis holds this migration's progress at all).
-    """
-    state = progress.state()
+def _migration(migration_id: str, registry: Registry, client: redis.Redis, outbox: Outbox) -> Migration:
     record = _records.get(migration_id)
-    if record is None or state is None:
+    if record is None:
         record = _records[migration_id] = registry.get_migration(migration_id)
-    return state or record.state.value, record, state is not None
+    return Migration(record, registry, client, outbox)
 
 
 def reembed_batch(
+    message: BatchMessage,
     *,
-    migration_id: str,
-    batch_id: str,
-    ids: list[str],
-    documents: list[str],
-    metadatas: list[dict[str, Any]],
     first_delivery: bool,
     store: Store,
     registry: Registry,
     client: redis.Redis,
+    outbox: Outbox,
     load: Callable[[str], LoadedModel],
 ) -> BatchOutcome:
-    """Embed one batch with the migration's target model and upsert it idempotently.
+    """Embed one batch with the migration's target model and write it idempotently.
 
     Raises:
         PausedError: the migration is paused; the caller retries later.
@@ -118,18 +105,21 @@ def reembed_batch(
         ModelMismatchError: this worker's model is not the one the migration records.
     """
     started = time.perf_counter()
-    progress = Progress(client, migration_id)
+    migration_id, batch_id, ids = message.migration_id, message.batch_id, message.ids
+    migration = _migration(migration_id, registry, client, outbox)
+    progress, record = migration.progress, migration.record
     outcome = BatchOutcome(batch_id)
-    state, record, in_redis = migration_state(progress, registry, migration_id)
+    in_redis = progress.exists()
+    state = migration.state() if in_redis else migration.refresh().state
     if state in RUNNING_STATES and not in_redis:
         # Redis lost its data (restarted without persistence): counting this batch into empty
         # progress would make half a record. Drop it; `reembed resume` diffs and re-feeds it.
         outcome.dropped = f"progress of migration {migration_id} is gone from Redis; run `reembed resume {migration_id}`"
         return outcome
-    if state == MigrationState.PAUSED.value:
+    if state == MigrationState.PAUSED:
         raise PausedError(f"migration {migration_id} is paused")
     if state not in RUNNING_STATES:
-        outcome.dropped = f"migration is {state}"
+        outcome.dropped = f"migration is {state.value}"
         return outcome
     # Counted on each delivery from the queue (not on Celery retries of the same delivery).
     deliveries = progress.count_delivery(batch_id) if first_delivery else 0
@@ -137,7 +127,7 @@ def reembed_batch(
         reason = f"batch {batch_id} was delivered {MAX_DELIVERIES} times without finishing (worker lost each time)"
         outcome.failed = dict.fromkeys(ids, reason)
         progress.record_failures(outcome.failed)
-        outcome.finished_migration = progress.record_batch(batch_id, 0)
+        migration.record_batch(batch_id, 0)
         return outcome
 
     model = load(record.to_model)
@@ -147,36 +137,34 @@ def reembed_batch(
             f"records {record.to_fingerprint}; install the same weights on every worker"
         )
     if migration_id not in _probe_checked:  # every worker of a migration must embed the probe alike
-        probe = json.dumps([round(float(x), 6) for x in model.probe])
-        with redis_errors("recording the migration's probe vector"):
-            progress.r.hsetnx(progress.key, "probe", probe)
-            progress.r.hsetnx(progress.key, "dimension", model.dimension)
-            recorded = progress.r.hget(progress.key, "probe") or probe
-        model.check_probe(json.loads(recorded), f"migration {migration_id}")
+        progress.record_probe(model.probe, model.dimension)
+        recorded = progress.probe()
+        if recorded:
+            model.check_probe(recorded, f"migration {migration_id}")
         _probe_checked.add(migration_id)
 
-    # First delivery of a first-pass batch (scan or file): the target has none of these ids, and
-    # `add` is several times faster than `upsert`. A redelivery or a catch-up round upserts.
-    write = store.add if (deliveries == 1 and batch_id[:2] in FIRST_PASS_PREFIXES) else store.upsert
+    # The first delivery of a first-pass batch (its message says ``add``): the target has none of
+    # these ids, and `add` is several times faster than `upsert`. A redelivery upserts.
+    write = store.add if (deliveries == 1 and message.write == "add") else store.upsert
     book = time.perf_counter() - started
     try:
-        written, failed, timings = embed_and_write(model, record.target_collection, ids, documents, metadatas, write)
+        written, failed, timings = embed_and_write(model, record.target_collection, ids, message.documents,
+                                                   message.metadatas, write)
     except CollectionNotFoundError:
-        state, _, _ = migration_state(progress, registry, migration_id)
-        if state == MigrationState.CANCELLED.value:
+        if registry.get_migration(migration_id).state == MigrationState.CANCELLED:
             outcome.dropped = "migration was cancelled"
             return outcome
         raise
     tail = time.perf_counter()
-    truncated = truncated_tokens(model, ids, documents)
+    truncated = truncated_tokens(model, ids, message.documents)
     if truncated:
         progress.record_truncated_sample(truncated)
         log.info("documents truncated by the model", migration_id=migration_id, batch=batch_id,
-                    max_tokens=model.max_tokens, ids=sorted(truncated)[:10], count=len(truncated))
+                 max_tokens=model.max_tokens, ids=sorted(truncated)[:10], count=len(truncated))
     outcome.written = written
     outcome.failed = failed
     progress.record_failures(failed)
-    outcome.finished_migration = progress.record_batch(batch_id, written, len(truncated))
+    migration.record_batch(batch_id, written, len(truncated))
     progress.add_timings({**timings, "bookkeeping": book + time.perf_counter() - tail})
     return outcome
 

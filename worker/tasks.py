@@ -14,8 +14,24 @@ from celery import Task
 
 from reembed import pipeline
 from reembed.errors import RetryableError
-from reembed.queue import TASK_BATCH, TASK_CHECK_VECTORS, TASK_EMBED, TASK_FINALIZE, TASK_MIGRATE, TASK_PUMP
-from reembed.store import Store
+from reembed.lifecycle import Migration
+from reembed.messages import (
+    BatchMessage,
+    CheckVectorsRequest,
+    EmbedRequest,
+    MigrateRequest,
+    MigrationRef,
+    Outbox,
+    parse,
+)
+from reembed.queue import (
+    TASK_BATCH,
+    TASK_CHECK_VECTORS,
+    TASK_EMBED,
+    TASK_FINALIZE,
+    TASK_MIGRATE,
+    TASK_PUMP,
+)
 from reembed.vectors import encode_vectors
 from worker import app as worker_app
 from worker import context
@@ -28,19 +44,24 @@ log = structlog.get_logger(__name__)
 PUMP_INTERVAL_S = 0.5
 #: A paused migration's batches are looked at again after this many seconds.
 PAUSED_RETRY_S = 5
+outbox = Outbox(app)
 
 
-@app.task(name=TASK_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=20, retry_backoff=True, retry_backoff_max=60)
-def batch_task(self: Task, migration_id: str, batch_id: str, ids: list[str], documents: list[str],
-               metadatas: list[dict[str, Any]], alias: str | None = None) -> dict[str, Any]:
-    """Re-embed one batch into the migration's target collection (``alias`` is for the logs)."""
+def _migration(migration_id: str) -> Migration:
+    return Migration.load(migration_id, context.registry(), context.redis_conn(), outbox)
+
+
+@app.task(name=TASK_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=20)
+def batch_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+    """Re-embed one batch into the migration's target collection."""
+    message = parse(BatchMessage, args, kwargs, TASK_BATCH)
+    if message is None:
+        return None
     started = time.perf_counter()
     try:
         outcome = reembed_batch(
-            migration_id=migration_id, batch_id=batch_id, ids=ids, documents=documents, metadatas=metadatas,
-            first_delivery=self.request.retries == 0, store=context.store(), registry=context.registry(),
-            client=context.redis_conn(), load=context.model,
+            message, first_delivery=self.request.retries == 0, store=context.store(), registry=context.registry(),
+            client=context.redis_conn(), outbox=outbox, load=context.model,
         )
     except PausedError as exc:
         raise self.retry(exc=exc, countdown=PAUSED_RETRY_S, max_retries=None) from None
@@ -55,66 +76,77 @@ def batch_task(self: Task, migration_id: str, batch_id: str, ids: list[str], doc
                  seconds=round(time.perf_counter() - started, 3))
     for doc_id, reason in outcome.failed.items():
         log.error("document failed", id=doc_id, reason=reason)
-    if outcome.finished_migration:
-        app.send_task(TASK_FINALIZE, kwargs={"migration_id": migration_id})
-    return {"batch_id": batch_id, "written": outcome.written, "failed": len(outcome.failed)}
+    return {"batch_id": message.batch_id, "written": outcome.written, "failed": len(outcome.failed),
+            "dropped": outcome.dropped}
 
 
 @app.task(name=TASK_PUMP, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
-def pump_task(self: Task, migration_id: str) -> None:
+def pump_task(self: Task, *args: Any, **kwargs: Any) -> None:
     """Feed a migration's batches under backpressure, then re-send itself until all are sent."""
+    message = parse(MigrationRef, args, kwargs, TASK_PUMP)
+    if message is None:
+        return
     try:
-        again = pipeline.pump(app, context.store(), context.registry(), context.redis_conn(), migration_id,
+        again = pipeline.pump(_migration(message.migration_id), context.store(),
                               context.settings().max_waiting_batches,
                               keep_feeding_s=pipeline.PUMP_FEED_S if worker_app.control_only else 0.0,
                               lost_after_s=2.0 * context.settings().visibility_timeout_s)
     except RetryableError as exc:
-        log.warning("pump will be retried", migration_id=migration_id, error=str(exc))
+        log.warning("pump will be retried", error=str(exc))
         context.reset()
         raise self.retry(exc=exc, countdown=5) from None
     if again:
-        app.send_task(TASK_PUMP, kwargs={"migration_id": migration_id}, countdown=PUMP_INTERVAL_S)
+        outbox.pump(message.migration_id, countdown=PUMP_INTERVAL_S)
 
 
 @app.task(name=TASK_FINALIZE, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
-def finalize_task(self: Task, migration_id: str) -> str:
+def finalize_task(self: Task, *args: Any, **kwargs: Any) -> str | None:
     """Verify the target against the source; complete, or start a catch-up round."""
+    message = parse(MigrationRef, args, kwargs, TASK_FINALIZE)
+    if message is None:
+        return None
     try:
-        return pipeline.finalize(app, context.store(), context.registry(), context.redis_conn(), migration_id)
+        return pipeline.finalize(_migration(message.migration_id), context.store())
     except RetryableError as exc:
-        log.warning("finalize will be retried", migration_id=migration_id, error=str(exc))
+        log.warning("finalize will be retried", error=str(exc))
         context.reset()
         raise self.retry(exc=exc, countdown=5) from None
 
 
 @app.task(name=TASK_MIGRATE, bind=True, acks_late=True)
-def migrate_task(self: Task, alias: str, to_model: str, batch_size: int | None = None,
-                 cutover: str = "auto", skip_missing_text: bool = False) -> str:
+def migrate_task(self: Task, *args: Any, **kwargs: Any) -> str | None:
     """Start a migration for another service that sends this task by name; returns its id."""
     from reembed.migrations import start_migration
 
+    request = parse(MigrateRequest, args, kwargs, TASK_MIGRATE)
+    if request is None:
+        return None
     record = start_migration(
-        context.settings(), context.store(), context.registry(), context.redis_conn(),
-        alias=alias, to_model=to_model, batch_size=batch_size, cutover=cutover,
-        skip_missing_text=skip_missing_text,
+        context.settings(), context.store(), context.registry(), context.redis_conn(), outbox,
+        alias=request.alias, to_model=request.to_model, batch_size=request.batch_size, cutover=request.cutover,
+        skip_missing_text=request.skip_missing_text,
     )
-    app.send_task(TASK_PUMP, kwargs={"migration_id": record.id})
     return record.id
 
 
 @app.task(name=TASK_CHECK_VECTORS)
-def check_vectors_task(collection: str, model: str, sample: int = 8) -> dict[str, Any]:
+def check_vectors_task(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
     """Embed a few stored documents with ``model`` and compare with their stored vectors."""
     from reembed.verify_model import compare_stored_vectors
 
-    store: Store = context.store()
-    return compare_stored_vectors(store, collection, context.model(model), sample)
+    request = parse(CheckVectorsRequest, args, kwargs, TASK_CHECK_VECTORS)
+    if request is None:
+        return None
+    return compare_stored_vectors(context.store(), request.collection, context.model(request.model), request.sample)
 
 
 @app.task(name=TASK_EMBED, acks_late=True, reject_on_worker_lost=True)
-def embed_task(model: str, texts: list[str]) -> dict[str, Any]:
+def embed_task(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
     """Embed documents for the caller (``reembed evaluate`` embeds its sample here, on the workers'
     devices); the vectors travel as base64 float32 in JSON, with the model's fingerprint."""
-    loaded = context.model(model)
+    request = parse(EmbedRequest, args, kwargs, TASK_EMBED)
+    if request is None:
+        return None
+    loaded = context.model(request.model)
     return {"fingerprint": loaded.fingerprint, "device": loaded.device,
-            **encode_vectors(loaded.embed_documents(texts))}
+            **encode_vectors(loaded.embed_documents(request.texts))}

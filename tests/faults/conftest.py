@@ -26,7 +26,7 @@ from sentence_transformers import SentenceTransformer
 
 from producer import ControlPlane
 from reembed.registry import MigrationRecord, MigrationState
-from reembed.services import Workers, free_port
+from cli.services import Workers, free_port
 from tests.conftest import M2V_MINILM, M2V_MPNET, need
 from tests.integration.conftest import (  # noqa: F401 - fixtures shared with the integration tests
     chroma,

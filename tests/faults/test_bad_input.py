@@ -23,7 +23,7 @@ import uvicorn
 
 from producer import ControlPlane
 from reembed.registry import MigrationState
-from reembed.services import Workers, free_port
+from cli.services import Workers, free_port
 from reembed.settings import Settings
 from search.api import MAX_BODY_BYTES, create_app
 from tests.conftest import M2V_MINILM, M2V_MPNET, need

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from producer import ControlPlane
 from reembed.progress import Progress
-from reembed.services import ChromaServer, Workers
+from cli.services import ChromaServer, Workers
 from reembed.settings import Settings
 from search.api import create_app
 from tests.faults.conftest import BATCH, DOCS, check_outcome, ingest_source, wait_for_progress, wait_until

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from producer import ControlPlane
 from reembed.registry import MigrationState
-from reembed.services import Workers
+from cli.services import Workers
 from tests.conftest import M2V_MINILM, M2V_MPNET, need
 from tests.faults.conftest import BATCH, DOCS, VISIBILITY_S, Source, check_outcome, read_all, scifact_subset
 

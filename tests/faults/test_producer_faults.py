@@ -20,7 +20,7 @@ import pytest
 from producer import ControlPlane
 from reembed.progress import Progress
 from reembed.registry import MigrationState
-from reembed.services import Workers
+from cli.services import Workers
 from reembed.settings import Settings
 from tests.conftest import M2V_MINILM, M2V_MPNET, need
 from tests.faults.conftest import (

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from producer import ControlPlane
-from reembed.services import Workers
+from cli.services import Workers
 from tests.faults.conftest import (
     BATCH,
     DOCS,

@@ -17,7 +17,7 @@ from celery import Celery
 from producer import ControlPlane
 from reembed.queue import QUEUE_BATCHES, TASK_BATCH, celery_config
 from reembed.registry import MigrationState
-from reembed.services import Workers
+from cli.services import Workers
 from reembed.settings import Settings
 from tests.conftest import M2V_MINILM, M2V_MPNET, need
 from tests.faults.conftest import RedisServer, read_all, wait_until

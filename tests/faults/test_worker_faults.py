@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from producer import ControlPlane
-from reembed.services import Workers
+from cli.services import Workers
 from tests.faults.conftest import BATCH, DOCS, VISIBILITY_S, check_outcome, ingest_source, wait_for_progress
 
 pytestmark = pytest.mark.integration

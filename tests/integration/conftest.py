@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from producer import ControlPlane
-from reembed.services import ChromaServer, Workers
+from cli.services import ChromaServer, Workers
 from reembed.settings import Settings
 from tests.conftest import SCIFACT, TEST_REDIS_URL, need
 

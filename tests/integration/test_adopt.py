@@ -16,7 +16,7 @@ from producer import ControlPlane
 from reembed.errors import ModelMismatchError
 from reembed.models import KNOWN_MODELS, locate_weights_if_installed
 from reembed.registry import MigrationState
-from reembed.services import ChromaServer, Workers
+from cli.services import ChromaServer, Workers
 from tests.conftest import M2V_MINILM, SCIFACT, need
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from reembed.documents import Document
 from reembed.errors import InputError, MigrationStateError
 from reembed.models import load_model, resolve_model
 from reembed.registry import MigrationState
-from reembed.services import ChromaServer, Workers
+from cli.services import ChromaServer, Workers
 from reembed.settings import Settings
 from search import Searcher
 from tests.conftest import M2V_MPNET, need

@@ -22,7 +22,7 @@ from sentence_transformers import SentenceTransformer
 from producer import ControlPlane
 from reembed.errors import MissingTextError
 from reembed.registry import MigrationState
-from reembed.services import ChromaServer, Workers
+from cli.services import ChromaServer, Workers
 from tests.conftest import M2V_MINILM, M2V_MPNET, need
 from tests.integration.conftest import scifact_subset
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer import ControlPlane
 from reembed.registry import MigrationState
-from reembed.services import Workers
+from cli.services import Workers
 from reembed.settings import Settings
 from search.api import create_app
 from tests.conftest import M2V_MINILM, M2V_MPNET, need
@@ -91,7 +91,7 @@ def test_flower_shows_the_tasks_by_their_stable_names(
         tmp_path: Path, settings: Settings, control: ControlPlane, start_workers: Callable[..., Workers]) -> None:
     import httpx
 
-    from reembed.services import free_port
+    from cli.services import free_port
     from tests.faults.conftest import wait_until
 
     port = free_port()

@@ -15,7 +15,7 @@ from producer import ControlPlane
 from producer.evaluate import Evaluator, write_report
 from producer.plan import plan
 from reembed.registry import MigrationState
-from reembed.services import Workers
+from cli.services import Workers
 from reembed.settings import Settings
 from tests.conftest import M2V_MPNET, SCIFACT, need
 from tests.integration.conftest import scifact_subset

@@ -18,7 +18,7 @@ from reembed.errors import ConfigError
 from reembed.models import load_model, locate_weights_if_installed, resolve_model
 from reembed.registry import MigrationState
 from reembed.runtimes import openvino_cache
-from reembed.services import ChromaServer, Workers
+from cli.services import ChromaServer, Workers
 from tests.conftest import M2V_MINILM, SCIFACT, need
 from tests.integration.conftest import scifact_subset
 from tests.integration.test_migration import all_docs

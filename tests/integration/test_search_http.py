@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from producer import ControlPlane
 from reembed.models import load_model, resolve_model
 from reembed.registry import MigrationState
-from reembed.services import ChromaServer, Workers
+from cli.services import ChromaServer, Workers
 from reembed.settings import Settings
 from search import Searcher
 from search.api import create_app

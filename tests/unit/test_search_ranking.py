@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from reembed.errors import InputError
-from search.bm25 import Bm25Index, IndexSignature, tokenize
-from search.fusion import reciprocal_rank_fusion
+from reembed.bm25 import Bm25Index, IndexSignature, tokenize
+from reembed.fusion import reciprocal_rank_fusion
 from search.searcher import check_query
 from tests.conftest import SCIFACT, need
 

@@ -19,7 +19,7 @@ from reembed.models import embed_batch_size, pick_device, use_half_precision
 from reembed.pipeline import length_sorted_batches, scan_window
 from reembed.runtimes import check_backend, parse_backend
 from reembed.settings import Settings
-from worker.embedding import FIRST_PASS_PREFIXES, embed_and_write
+from worker.embedding import embed_and_write
 
 
 @pytest.mark.parametrize(("device", "setting", "expected"), [
@@ -121,8 +121,3 @@ def test_a_failed_write_is_raised_so_the_task_retries_the_batch() -> None:
 
     with pytest.raises(StoreUnavailableError):
         embed_and_write(FakeModel(2), "target", ["a", "b", "c"], ["x", "y", "z"], [{}] * 3, write)  # type: ignore[arg-type]
-
-
-def test_first_pass_prefixes_cover_scan_and_file_batches_only() -> None:
-    assert "s-0-1".startswith(FIRST_PASS_PREFIXES) and "f-3".startswith(FIRST_PASS_PREFIXES)
-    assert not "r1-64".startswith(FIRST_PASS_PREFIXES)

@@ -33,8 +33,9 @@ _META_FILE = "reembed-index.json"
 
 def tokenize(texts: list[str]) -> list[list[str]]:
     """Lower-case, drop English stop words, stem (Snowball English): the same for documents and queries."""
-    return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=_STEMMER, return_ids=False,
-                          show_progress=False)  # type: ignore[return-value]
+    tokens: list[list[str]] = bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=_STEMMER,
+                                             return_ids=False, show_progress=False)
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Bm25Index:
             return []
         found, scores = self._retriever.retrieve(tokens, k=min(k, len(self.ids)), show_progress=False,
                                                  n_threads=1)
-        hits = []
+        hits: list[KeywordHit] = []
         for index, score in zip(found[0], scores[0], strict=True):
             if score <= 0:  # bm25s pads with zero-score documents that match no term
                 break
@@ -114,8 +115,7 @@ class Bm25Index:
         if self._retriever is not None:
             self._retriever.save(str(directory), show_progress=False)
         with open(directory / _DOCS_FILE, "w", encoding="utf-8") as handle:
-            for doc_id, text, meta in zip(self.ids, self.documents, self.metadatas, strict=True):
-                handle.write(json.dumps({"id": doc_id, "text": text, "metadata": meta}, ensure_ascii=False) + "\n")
+            handle.writelines(json.dumps({"id": doc_id, "text": text, "metadata": meta}, ensure_ascii=False) + "\n" for doc_id, text, meta in zip(self.ids, self.documents, self.metadatas, strict=True))
         meta_out = {"collection": self.signature.collection, "count": self.signature.count,
                     "writes": self.signature.writes, "built_at": self.built_at, "documents": len(self.ids)}
         (directory / _META_FILE).write_text(json.dumps(meta_out))

@@ -1,0 +1,146 @@
+"""Every message reembed sends through the queue: its declared type, and the one place that sends it.
+
+A task's arguments are a pydantic model here, checked at the worker's boundary (``parse``): a
+malformed message (another version of reembed, a hand-written ``send_task``) is refused with one
+log line and acknowledged, so it neither crashes a worker nor loops through retries. Whether a
+batch is written with ``add`` or ``upsert`` is a field of its message (``write``), never a
+convention of its id.
+
+Other services send ``reembed.migrate`` by name with the keyword arguments of ``MigrateRequest``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import structlog
+from celery import Celery
+from celery.result import AsyncResult
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from reembed.queue import (
+    TASK_BATCH,
+    TASK_CHECK_VECTORS,
+    TASK_EMBED,
+    TASK_FINALIZE,
+    TASK_MIGRATE,
+    TASK_PUMP,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class Message(BaseModel):
+    """A task's keyword arguments. Unknown fields are refused: a typo is an error, not a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MigrationRef(Message):
+    """``reembed.pump`` and ``reembed.finalize``: the migration to feed or to verify."""
+
+    migration_id: str
+
+
+class BatchMessage(Message):
+    """``reembed.batch``: up to ``batch_size`` documents of one migration, embedded and written together.
+
+    ``write="add"`` is for a first pass (scan of a source, lines of a corpus file) whose ids the
+    target cannot hold yet: Chroma's ``add`` is several times faster than ``upsert``. A
+    redelivery of the same message, and every catch-up batch, writes with ``upsert``.
+    """
+
+    migration_id: str
+    batch_id: str
+    write: Literal["add", "upsert"]
+    ids: list[str]
+    documents: list[str]
+    metadatas: list[dict[str, Any]]
+    alias: str | None = None  # for the logs
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> BatchMessage:
+        if not len(self.ids) == len(self.documents) == len(self.metadatas):
+            raise ValueError(f"batch {self.batch_id}: {len(self.ids)} ids, {len(self.documents)} documents "
+                             f"and {len(self.metadatas)} metadatas must be as many")
+        return self
+
+
+class BatchResult(Message):
+    batch_id: str
+    written: int
+    failed: int
+    dropped: str | None = None
+
+
+class MigrateRequest(Message):
+    """``reembed.migrate``: what another service sends to start a migration (returns its id)."""
+
+    alias: str
+    to_model: str
+    batch_size: int | None = None
+    cutover: Literal["auto", "manual"] = "auto"
+    skip_missing_text: bool = False
+
+
+class CheckVectorsRequest(Message):
+    """``reembed.check_vectors``: re-embed a few stored documents and compare (``adopt``)."""
+
+    collection: str
+    model: str
+    sample: int = 8
+
+
+class EmbedRequest(Message):
+    """``reembed.embed``: embed documents for the caller (``evaluate`` on the workers' devices)."""
+
+    model: str
+    texts: list[str]
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse(kind: type[M], args: tuple[Any, ...], kwargs: dict[str, Any], task: str) -> M | None:
+    """The message, or ``None`` after one error line when it is malformed (the caller returns)."""
+    try:
+        if args:
+            raise ValueError(f"positional arguments {len(args)}: send keyword arguments only")
+        return kind.model_validate(kwargs)
+    except (ValidationError, ValueError) as exc:
+        problems = exc.errors() if isinstance(exc, ValidationError) else [{"loc": (), "msg": str(exc)}]
+        # Field names and what is wrong with them, never their values (they may be documents).
+        where = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'message'}: {p['msg']}" for p in problems[:5])
+        log.error("malformed message refused", task=task, problems=where)
+        return None
+
+
+class Outbox:
+    """Sends reembed's messages through a Celery app (the producer's bare one, or the worker's)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def batch(self, message: BatchMessage) -> None:
+        self.app.send_task(TASK_BATCH, kwargs=message.model_dump())
+
+    def pump(self, migration_id: str, countdown: float | None = None) -> None:
+        self.app.send_task(TASK_PUMP, kwargs=MigrationRef(migration_id=migration_id).model_dump(),
+                           countdown=countdown)
+
+    def finalize(self, migration_id: str) -> None:
+        self.app.send_task(TASK_FINALIZE, kwargs=MigrationRef(migration_id=migration_id).model_dump())
+
+    def migrate(self, request: MigrateRequest) -> AsyncResult:
+        return self.app.send_task(TASK_MIGRATE, kwargs=request.model_dump())
+
+    def check_vectors(self, request: CheckVectorsRequest) -> AsyncResult:
+        return self.app.send_task(TASK_CHECK_VECTORS, kwargs=request.model_dump())
+
+    def embed(self, request: EmbedRequest) -> AsyncResult:
+        return self.app.send_task(TASK_EMBED, kwargs=request.model_dump())
+
+    def workers(self, timeout: float = 2.0) -> list[str]:
+        """The names of the workers that answer a ping within ``timeout`` seconds."""
+        replies = self.app.control.ping(timeout=timeout) or []
+        return sorted(name for reply in replies for name in reply)

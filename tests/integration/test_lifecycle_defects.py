@@ -1,0 +1,183 @@
+"""Orders of commands that once lost a user's write, each kept as a named test (real services).
+
+Found by trying reembed as a new user would, and by the stateful test
+(``test_lifecycle_stateful.py``); each test reads Chroma directly to check the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import chromadb
+import pytest
+
+from producer import ControlPlane, Writer
+from reembed.documents import Document, content_hash, user_metadata
+from reembed.errors import InputError, MigrationStateError
+from reembed.registry import MigrationState
+from cli.services import ChromaServer, Workers
+from reembed.settings import Settings
+from tests.conftest import M2V_MINILM, M2V_MPNET, need
+
+pytestmark = pytest.mark.integration
+
+
+def corpus(tmp_path: Path, n: int = 12, name: str = "corpus.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"note {i} on zebrafish heart cells",
+                                        "metadata": {"n": i, "lang": "en"}}) + "\n" for i in range(n)))
+    return path
+
+
+def stored(chroma: ChromaServer, collection: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Ids, text and metadata straight from Chroma."""
+    col = chromadb.HttpClient(host="127.0.0.1", port=int(chroma.url.rsplit(":", 1)[1])).get_collection(collection)
+    raw = col.get(include=["documents", "metadatas"])
+    return {i: (t, m) for i, t, m in zip(raw["ids"], raw["documents"], raw["metadatas"], strict=True)}
+
+
+def live(control: ControlPlane, alias: str) -> str:
+    return control.registry.get_alias(alias).live_collection
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def migrated(tmp_path: Path, control: ControlPlane, alias: str = "sci") -> tuple[str, str]:
+    """An alias ingested with one static model, migrated to the other, cut over: (old, new) collections."""
+    ingest = control.ingest(alias, corpus(tmp_path), str(need(M2V_MINILM)), batch_size=4)
+    assert control.wait(ingest.id, timeout=120).state == MigrationState.LIVE
+    migration = control.migrate(alias, str(need(M2V_MPNET)), batch_size=4, cutover="manual")
+    assert control.wait(migration.id, timeout=120).state == MigrationState.COMPLETE
+    assert control.cutover(alias)["catching_up"] == 0
+    return ingest.target_collection, migration.target_collection
+
+
+@pytest.mark.parametrize("back_with", ["cutover", "rollback"])
+def test_a_write_after_a_rollback_is_live_after_switching_back(
+        back_with: str, tmp_path: Path, settings: Settings, chroma: ChromaServer, control: ControlPlane,
+        start_workers: Callable[..., Workers]) -> None:
+    start_workers(2)
+    old, new = migrated(tmp_path, control)
+    control.rollback("sci")
+    assert live(control, "sci") == old
+    # When a document is added while rolled back, then the alias switches to the new collection again
+    Writer(settings).upsert("sci", [Document("late", "a late note on axolotl regeneration", {"k": 1})], only_new=True)
+    getattr(control, back_with)("sci")
+    wait_for("the switch back", lambda: live(control, "sci") == new)
+    # Then the new live collection holds it (it was written there too, and diffed at the switch)
+    assert "late" in stored(chroma, new) and set(stored(chroma, new)) == set(stored(chroma, old))
+
+
+def test_a_write_around_reembed_after_a_rollback_is_caught_up_at_the_cutover(
+        tmp_path: Path, settings: Settings, chroma: ChromaServer, control: ControlPlane,
+        start_workers: Callable[..., Workers]) -> None:
+    start_workers(2)
+    old, new = migrated(tmp_path, control)
+    control.rollback("sci")
+    # A write straight into the old collection, behind reembed's back (vector of its own model)
+    from reembed.models import load_configured
+    vector = load_configured(settings, str(need(M2V_MINILM))).embed_documents(["behind the back"])
+    control.store.upsert(old, ids=["behind"], embeddings=vector, documents=["behind the back"], metadatas=[{"v": 1}])
+    answer = control.cutover("sci")
+    assert answer["catching_up"] == 1
+    wait_for("the catch-up and switch", lambda: live(control, "sci") == new)
+    assert stored(chroma, new)["behind"][0] == "behind the back"
+
+
+def test_a_rollback_while_a_migration_runs_is_refused_and_changes_nothing(
+        tmp_path: Path, settings: Settings, chroma: ChromaServer, control: ControlPlane,
+        start_workers: Callable[..., Workers]) -> None:
+    start_workers(2)
+    old, new = migrated(tmp_path, control)
+    second = control.migrate("sci", str(need(M2V_MINILM)), batch_size=2)
+    control.pause(second.id)
+    before = control.registry.get_alias("sci")
+    with pytest.raises(MigrationStateError, match=f"reembed cancel {second.id}"):
+        control.rollback("sci")
+    assert control.registry.get_alias("sci") == before
+    # The migration goes on; a write made meanwhile is live when it cuts over by itself
+    control.resume(second.id)
+    Writer(settings).upsert("sci", [Document("during", "written during the second migration", {})], only_new=True)
+    assert control.wait(second.id, timeout=120).state == MigrationState.LIVE
+    assert live(control, "sci") == second.target_collection
+    assert "during" in stored(chroma, second.target_collection)
+
+
+def test_a_migration_whose_source_stopped_being_live_does_not_cut_over(
+        tmp_path: Path, settings: Settings, chroma: ChromaServer, control: ControlPlane,
+        start_workers: Callable[..., Workers]) -> None:
+    """The rule under the refusal above, checked where the switch happens (another alias record
+    written behind the control plane's back stands for a rollback made by an older reembed)."""
+    start_workers(2)
+    old, new = migrated(tmp_path, control)
+    second = control.migrate("sci", str(need(M2V_MINILM)), batch_size=2, cutover="manual")
+    assert control.wait(second.id, timeout=120).state == MigrationState.COMPLETE
+    control.registry.switch_alias("sci", old, None)
+    with pytest.raises(MigrationStateError, match="serves"):
+        control.cutover("sci")
+    assert live(control, "sci") == old
+
+
+def test_one_collection_belongs_to_one_alias(
+        tmp_path: Path, settings: Settings, chroma: ChromaServer, control: ControlPlane,
+        start_workers: Callable[..., Workers]) -> None:
+    start_workers(2)
+    old, new = migrated(tmp_path, control, "a")
+    # adopt refuses the live and the previous collection of another alias
+    for name in (new, old):
+        with pytest.raises(InputError, match="belongs to alias 'a'"):
+            control.adopt("b", name, str(need(M2V_MPNET)), timeout=30)
+    assert not control.registry.has_alias("b")
+    # and retire never deletes another alias's collection, even in a registry an older reembed shared
+    control.registry.switch_alias("b", old, None)
+    plan = control.retire_candidates("b")
+    assert old not in plan["deletable"]
+    control.retire("b")
+    assert set(stored(chroma, old)) and set(stored(chroma, new))
+
+
+def test_upsert_replaces_metadata_and_the_next_migration_needs_no_catch_up(
+        tmp_path: Path, settings: Settings, chroma: ChromaServer, control: ControlPlane,
+        start_workers: Callable[..., Workers]) -> None:
+    start_workers(2)
+    ingest = control.ingest("sci", corpus(tmp_path), str(need(M2V_MINILM)), batch_size=4)
+    assert control.wait(ingest.id, timeout=120).state == MigrationState.LIVE
+    # When a document is upserted with fewer metadata keys than it had
+    Writer(settings).upsert("sci", [Document("d3", "a new text for d3", {"n": 33})])
+    text, meta = stored(chroma, live(control, "sci"))["d3"]
+    # Then its metadata is replaced, not merged, and its content hash agrees with it
+    assert user_metadata(meta) == {"n": 33} and meta["content_hash"] == content_hash(text, meta)
+    # ... so the next migration verifies in one pass and carries the same metadata
+    migration = control.migrate("sci", str(need(M2V_MPNET)), batch_size=4)
+    assert control.wait(migration.id, timeout=120).state == MigrationState.LIVE
+    assert control.status(migration.id)["done"] == 12
+    assert control.migration(migration.id).progress.get().get("round", "0") == "0"
+    assert user_metadata(stored(chroma, migration.target_collection)["d3"][1]) == {"n": 33}
+
+
+def test_adopt_with_no_worker_running_exits_3_naming_the_fix(
+        tmp_path: Path, settings: Settings, chroma: ChromaServer) -> None:
+    client = chromadb.HttpClient(host="127.0.0.1", port=int(chroma.url.rsplit(":", 1)[1]))
+    client.create_collection("orphan").add(ids=["x"], embeddings=[[1.0, 0.0]], documents=["x"])
+    env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": "1"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cli.main", "adopt", "orphan", "--collection", "orphan",
+                           "--model", str(need(M2V_MINILM)), "--workers", "0"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("reembed: error: ") and "reembed worker" in last, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert time.monotonic() - started < 60
