@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
+from cli.services import LocalStack
 from producer import ControlPlane
 from reembed.documents import demo_corpus_path, read_corpus
-from cli.services import LocalStack
 from reembed.settings import Settings
 from search import Searcher
 

@@ -44,7 +44,7 @@ from reembed.registry import (
     Registry,
 )
 from reembed.settings import Settings
-from reembed.status import migration_status
+from reembed.status import alias_summary, migration_status
 from reembed.store import Store
 
 log = structlog.get_logger(__name__)
@@ -165,11 +165,7 @@ class ControlPlane:
         """Alias, live collection and model, and the latest migration's exact progress."""
         out: dict[str, Any] = {}
         if self.registry.has_alias(alias_or_id):
-            alias = self.registry.get_alias(alias_or_id)
-            live = self.registry.get_collection(alias.live_collection)
-            out.update(alias=alias.alias, live_collection=alias.live_collection, live_model=live.model,
-                       live_fingerprint=live.fingerprint, previous_collection=alias.previous_collection,
-                       canary=alias.canary.model_dump() if alias.canary else None, generation=alias.generation)
+            out.update(alias_summary(self.registry, self.registry.get_alias(alias_or_id)))
         try:
             record = self.find(alias_or_id)
         except MigrationNotFoundError:

@@ -20,14 +20,14 @@ import numpy as np
 import structlog
 
 from reembed import evaluation as ev
-from reembed.errors import InputError, ModelMismatchError, QueueUnavailableError
+from reembed.bm25 import Bm25Index, IndexSignature
+from reembed.errors import InputError, QueueUnavailableError
+from reembed.fusion import reciprocal_rank_fusion
 from reembed.metrics import METRICS, mean_scores, per_query, read_qrels, read_queries
 from reembed.models import LoadedModel, load_configured, resolve_model
 from reembed.registry import MigrationRecord, MigrationState, Registry
 from reembed.settings import Settings
 from reembed.store import PAGE_SIZE, Store
-from reembed.bm25 import Bm25Index, IndexSignature
-from reembed.fusion import reciprocal_rank_fusion
 
 log = structlog.get_logger(__name__)
 
@@ -69,10 +69,7 @@ class Evaluator:
                 raise QueueUnavailableError(
                     f"no worker embedded the evaluation sample within {EMBED_TIMEOUT_S} s; start workers "
                     "(`reembed worker`) or pass --here to embed in this process") from exc
-            if payload["fingerprint"] != model.fingerprint:
-                raise ModelMismatchError(
-                    f"a worker's {model.spec.name!r} has fingerprint {payload['fingerprint']}, this process "
-                    f"{model.fingerprint}; install the same weights on every worker")
+            model.require_fingerprint(payload["fingerprint"], "a worker's answer")
             parts.append(decode_vectors(payload))
             devices.add(payload["device"])
             result.forget()

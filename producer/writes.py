@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from reembed.documents import Document, check_metadata, check_text, provenance
-from reembed.errors import InputError, ModelMismatchError, ReembedError
+from reembed.errors import InputError, ReembedError
 from reembed.models import LoadedModel, load_configured
 from reembed.progress import bump_writes, redis_client
 from reembed.registry import MigrationState, Registry
@@ -74,10 +74,7 @@ class Writer:
 
     def _model(self, target: WriteTarget) -> LoadedModel:
         model = load_configured(self.settings, target.model)
-        if model.fingerprint != target.fingerprint:
-            raise ModelMismatchError(
-                f"collection {target.collection!r} holds vectors of {target.model} ({target.fingerprint}); the model "
-                f"loaded here is {model.fingerprint}; install the same weights before writing")
+        model.require_fingerprint(target.fingerprint, f"collection {target.collection!r}")
         return model
 
     def upsert(self, alias: str, documents: list[Document], only_new: bool = False) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import structlog
 
 from reembed.errors import CollectionNotFoundError, MigrationStateError
 from reembed.messages import BatchMessage, Outbox
-from reembed.progress import Progress, alias_lock, redis_errors, todo_key
+from reembed.progress import Progress, alias_lock
 from reembed.registry import (
     ACTIVE_STATES,
     CollectionRecord,
@@ -149,18 +149,7 @@ class Migration:
 
     def catch_up(self, redo: list[str], total: int, done: int) -> MigrationRecord:
         """Verification found ``redo`` missing or changed in the target: feed them as a new round."""
-        round_no = int(self.progress.get().get("round", 0)) + 1
-        client = self.progress.r
-        with redis_errors("starting a catch-up round"):
-            pipe = client.pipeline()
-            pipe.delete(todo_key(self.id))
-            for start in range(0, len(redo), 10_000):
-                pipe.rpush(todo_key(self.id), *redo[start:start + 10_000])
-            pipe.hdel(self.progress.key, "enqueue_complete", "finalize_claimed", "total_batches")
-            pipe.hset(self.progress.key, mapping={
-                "phase": "todo", "cursor": 0, "round": round_no, "total": total, "done": done,
-                "enqueued_batches": self.progress.batches_done()})
-            pipe.execute()
+        self.progress.start_round(redo, total, done)
         self._become(S.RUNNING)
         self.outbox.pump(self.id)
         return self.record

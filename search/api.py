@@ -37,7 +37,7 @@ from reembed.errors import (
     RetryableError,
 )
 from reembed.settings import Settings
-from reembed.status import migration_status
+from reembed.status import alias_summary, migration_status
 from search.prometheus import SearchMetrics, StateCollector
 from search.results import Mode, SearchResponse
 from search.searcher import MAX_K, MAX_QUERY_CHARS, Searcher
@@ -195,13 +195,9 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         searcher = _searcher()
         rows = []
         for alias in searcher.registry.aliases():
-            record = searcher.collection_record(alias.live_collection)
             index = searcher.indexes.current(alias.live_collection)
             row: dict[str, Any] = {
-                "alias": alias.alias, "live_collection": alias.live_collection,
-                "previous_collection": alias.previous_collection, "model": record.model,
-                "canary": alias.canary.model_dump() if alias.canary else None,
-                "fingerprint": record.fingerprint, "documents": searcher.store.count(alias.live_collection),
+                **alias_summary(searcher.registry, alias), "documents": searcher.store.count(alias.live_collection),
                 "bm25_index": {"documents": len(index), "built_at": index.built_at} if index else None,
                 "migration": None,
             }

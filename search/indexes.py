@@ -22,16 +22,16 @@ import os
 import shutil
 import threading
 import time
-from typing import Any
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from reembed.bm25 import Bm25Index, IndexSignature
 from reembed.errors import ReembedError, StoreError
 from reembed.store import Store
-from reembed.bm25 import Bm25Index, IndexSignature
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from reembed.errors import ReembedError
 from reembed.lifecycle import FINAL_STATES
-from reembed.status import migration_status
+from reembed.status import alias_summary, migration_status
 
 if TYPE_CHECKING:
     from search.searcher import Searcher
@@ -72,12 +72,12 @@ class StateCollector(Collector):
                 index_age.add_metric([collection], max(0.0, now - index.built_at))
                 index_docs.add_metric([collection], len(index))
             try:
-                for alias, record, migration in _aliases(searcher):
-                    live.add_metric([alias.alias, alias.live_collection, record.model], 1)
-                    if alias.canary:
-                        canary.add_metric([alias.alias, alias.canary.collection], alias.canary.percent)
+                for alias, migration in _aliases(searcher):
+                    live.add_metric([alias["alias"], alias["live_collection"], alias["model"]], 1)
+                    if alias["canary"]:
+                        canary.add_metric([alias["alias"], alias["canary"]["collection"]], alias["canary"]["percent"])
                     if migration is not None:
-                        labels = [alias.alias, migration["migration_id"]]
+                        labels = [alias["alias"], migration["migration_id"]]
                         for kind in ("done", "failed", "skipped", "total"):
                             docs.add_metric([*labels, kind], migration[kind])
                         rate.add_metric(labels, migration["docs_per_s"])
@@ -89,11 +89,11 @@ class StateCollector(Collector):
         yield from (live, canary, index_age, index_docs, docs, rate, eta, up)
 
 
-def _aliases(searcher: Searcher) -> Iterator[tuple[Any, Any, dict[str, Any] | None]]:
+def _aliases(searcher: Searcher) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Each alias's summary, and its running migration's progress (None when none runs)."""
     for alias in searcher.registry.aliases():
-        record = searcher.collection_record(alias.live_collection)
         latest = searcher.registry.latest_migration(alias.alias)
         running = None
         if latest is not None and latest.state not in FINAL_STATES and searcher.redis is not None:
             running = migration_status(searcher.redis, latest)
-        yield alias, record, running
+        yield alias_summary(searcher.registry, alias), running

@@ -14,26 +14,25 @@ with :class:`~reembed.errors.StoreUnavailableError`. Redis is never on the query
 from __future__ import annotations
 
 import threading
-from typing import Any
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
+from reembed.bm25 import Bm25Index, KeywordHit
 from reembed.documents import user_metadata
 from reembed.errors import (
     InputError,
-    ModelMismatchError,
     ReembedError,
     StoreUnavailableError,
 )
+from reembed.fusion import reciprocal_rank_fusion
 from reembed.models import LoadedModel, load_configured
 from reembed.progress import read_writes, redis_client
 from reembed.registry import AliasRecord, CollectionRecord, Registry
 from reembed.settings import Settings
 from reembed.store import Page, Store
-from reembed.bm25 import Bm25Index, KeywordHit
-from reembed.fusion import reciprocal_rank_fusion
 from search.indexes import IndexManager
 from search.results import MODES, Hit, IndexInfo, Mode, Ranks, SearchResponse, ServedBy
 from search.routing import choose_collection
@@ -107,11 +106,7 @@ class Searcher:
                 built the collection.
         """
         model = load_configured(self.settings, record.model)
-        if model.fingerprint != record.fingerprint:
-            raise ModelMismatchError(
-                f"collection {record.name!r} was embedded with {record.model} ({record.fingerprint}); the model "
-                f"loaded here is {model.spec.name} ({model.fingerprint}); refusing to mix vector spaces"
-            )
+        model.require_fingerprint(record.fingerprint, f"collection {record.name!r}")
         model.check_probe(record.probe, f"collection {record.name!r}")
         return model
 

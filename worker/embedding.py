@@ -19,7 +19,7 @@ import redis
 import structlog
 
 from reembed.documents import provenance
-from reembed.errors import CollectionNotFoundError, ModelMismatchError, RetryableError
+from reembed.errors import CollectionNotFoundError, RetryableError
 from reembed.lifecycle import Migration
 from reembed.messages import BatchMessage, Outbox
 from reembed.models import LoadedModel
@@ -131,11 +131,7 @@ def reembed_batch(
         return outcome
 
     model = load(record.to_model)
-    if model.fingerprint != record.to_fingerprint:
-        raise ModelMismatchError(
-            f"this worker's {record.to_model!r} has fingerprint {model.fingerprint}, migration {migration_id} "
-            f"records {record.to_fingerprint}; install the same weights on every worker"
-        )
+    model.require_fingerprint(record.to_fingerprint, f"migration {migration_id}")
     if migration_id not in _probe_checked:  # every worker of a migration must embed the probe alike
         progress.record_probe(model.probe, model.dimension)
         recorded = progress.probe()

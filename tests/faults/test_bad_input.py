@@ -89,6 +89,13 @@ def test_bad_names_models_and_sizes_are_refused_and_change_nothing(
     start_workers(1)
     live = control.ingest("good", corpus, str(need(M2V_MINILM)))
     assert control.wait(live.id, timeout=120).state == MigrationState.LIVE
+    # An unowned copy of the alias's collection (same vectors): what adopt may take, and check
+    port = int(settings.chroma_url.rsplit(":", 1)[1])
+    client = chromadb.HttpClient(host="127.0.0.1", port=port)
+    raw = client.get_collection(live.target_collection).get(include=["documents", "metadatas", "embeddings"])
+    copy = "unowned-copy"
+    client.create_collection(copy).add(ids=raw["ids"], documents=raw["documents"], metadatas=raw["metadatas"],
+                                       embeddings=raw["embeddings"])
     before = collections(settings)
     refusals = {
         ("ingest", "bad alias!", str(corpus), "--model", str(need(M2V_MINILM))): "alias 'bad alias!' is not valid",
@@ -101,9 +108,11 @@ def test_bad_names_models_and_sizes_are_refused_and_change_nothing(
         ("migrate", "good", "--to", str(need(M2V_MINILM))): "already embedded with",
         ("migrate", "nope", "--to", str(need(M2V_MPNET))): "alias 'nope'",
         ("adopt", "other", "--collection", "no such collection!"): "no such collection!",
-        ("adopt", "other", "--collection", live.target_collection, "--model", str(need(M2V_MPNET))):
+        ("adopt", "other", "--collection", copy, "--model", str(need(M2V_MPNET))):
             "was not embedded with",  # same dimension, another model: caught by re-embedding
-        ("adopt", "other", "--collection", live.target_collection, "--model", "all-MiniLM-L6-v2"): "384",
+        ("adopt", "other", "--collection", copy, "--model", "all-MiniLM-L6-v2"): "384",
+        ("adopt", "other", "--collection", live.target_collection, "--model", str(need(M2V_MINILM))):
+            "belongs to alias 'good'",  # one collection, one alias
     }
     for args, needle in refusals.items():
         result = run_cli(settings, *args)

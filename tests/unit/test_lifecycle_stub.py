@@ -53,6 +53,10 @@ class FakeModel:
         out = np.asarray(rows, dtype=np.float32).reshape(len(texts), DIM) + 1.0
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
+    def require_fingerprint(self, expected: str, what: str) -> None:
+        if expected != self.fingerprint:
+            raise ModelMismatchError(f"{what}: fingerprint {expected}, not {self.fingerprint}")
+
     def check_probe(self, recorded: list[float], what: str) -> None:
         if not np.allclose(recorded, self.probe, atol=1e-5):
             raise ModelMismatchError(f"probe differs for {what}")
