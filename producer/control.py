@@ -28,7 +28,7 @@ from reembed.errors import (
     WaitTimeoutError,
 )
 from reembed.lifecycle import FINAL_STATES, Migration
-from reembed.messages import CheckVectorsRequest, Outbox
+from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
 from reembed.migrations import check_alias_name, start_ingest, start_migration
 from reembed.models import fingerprint, resolve_model
 from reembed.pipeline import Feeder, diff
@@ -51,6 +51,8 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between two looks at Redis while waiting for room in the queue or for the end.
 POLL_S = 0.2
+#: While waiting for an ingest, how often to look for batches whose message was lost.
+RESEND_EVERY_S = 5.0
 
 
 class ControlPlane:
@@ -116,26 +118,26 @@ class ControlPlane:
                                         "start one with `reembed worker` and run adopt again")
         check = self.outbox.check_vectors(CheckVectorsRequest(collection=collection, model=spec.name))
         try:
-            result: dict[str, Any] = check.get(timeout=timeout)
+            result = VectorCheck.model_validate(check.get(timeout=timeout))
         except (celery.exceptions.TimeoutError, TimeoutError):
             check.revoke()
             raise QueueUnavailableError(f"no worker answered the model check of {collection!r} within {timeout:.0f} s; "
                                         "start one with `reembed worker` (it reads the reembed.control queue)") from None
-        if not result["match"]:
+        if not result.match:
             raise ModelMismatchError(
                 f"collection {collection!r} was not embedded with {spec.name!r}: stored vectors are "
-                f"{result['dimension_stored']}-d, the model's {result['dimension_model']}-d, cosine of re-embedded "
-                f"documents {result['cosine_min']}; name the right model with --model"
+                f"{result.dimension_stored}-d, the model's {result.dimension_model}-d, cosine of re-embedded "
+                f"documents {result.cosine_min}; name the right model with --model"
             )
         self.registry.put_collection(CollectionRecord(
-            name=collection, model=spec.name, fingerprint=fp, dimension=result["dimension_model"],
-            origin="adopt", probe=result["probe"],
+            name=collection, model=spec.name, fingerprint=fp, dimension=result.dimension_model,
+            origin="adopt", probe=result.probe,
         ))
         with alias_lock(self.redis, alias):
             self.registry.switch_alias(alias, collection, None)
         log.info("collection adopted", alias=alias, collection=collection, model=spec.name)
         return {"alias": alias, "collection": collection, "model": spec.name, "fingerprint": fp,
-                "declared_model": declared, "checked": result["checked"], "cosine_min": result["cosine_min"]}
+                "declared_model": declared, "checked": result.checked, "cosine_min": result.cosine_min}
 
     # -- migrate -----------------------------------------------------------------------------
 
@@ -183,10 +185,14 @@ class ControlPlane:
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> MigrationRecord:
         """Block until the migration reaches a final state (complete, live, cancelled, failed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_resend = time.monotonic() + RESEND_EVERY_S
         while True:
             record = self.registry.get_migration(migration_id)
             if on_progress:
                 on_progress(self.migration_status(record))
+            if record.kind == "ingest" and record.state == MigrationState.RUNNING and time.monotonic() > next_resend:
+                self._resend_lost_file_batches(record)
+                next_resend = time.monotonic() + RESEND_EVERY_S
             auto_live = record.kind == "ingest" or record.cutover == "auto"
             if record.state in FINAL_STATES and not (record.state == MigrationState.COMPLETE and auto_live
                                                      and record.error is None):
@@ -195,6 +201,15 @@ class ControlPlane:
                 raise WaitTimeoutError(f"migration {migration_id} is still {record.state.value} after {timeout:.0f} s; "
                                        f"follow it with `reembed status {migration_id} --watch`")
             time.sleep(POLL_S * 2)
+
+    def _resend_lost_file_batches(self, record: MigrationRecord) -> None:
+        """An ingest has no pump: while someone waits for it, its file's lost batches are re-sent here."""
+        if record.source_file is None or not Path(record.source_file).exists():
+            return
+        feeder = Feeder(Migration(record, self.registry, self.redis, self.outbox), None,
+                        self.settings.max_waiting_batches)
+        if feeder.progress.exists():
+            feeder.resend_lost(2.0 * self.settings.visibility_timeout_s, feeder.from_file(Path(record.source_file)))
 
     # -- cutover, rollback -------------------------------------------------------------------
 
@@ -282,7 +297,8 @@ class ControlPlane:
             if percent > 0:
                 record = self.registry.latest_migration(alias)
                 if (record is None or record.kind != "migrate" or record.state != MigrationState.COMPLETE
-                        or not record.verified or record.target_collection == current.live_collection):
+                        or not record.verified or record.target_collection == current.live_collection
+                        or record.source_collection != current.live_collection):
                     state = record.state.value if record else "none"
                     raise MigrationStateError(
                         f"alias {alias!r} has no complete, verified migration waiting for cutover (latest: {state}); "

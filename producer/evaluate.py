@@ -54,7 +54,7 @@ class Evaluator:
             return model.embed_documents(texts), "embedded here"
         from celery.exceptions import TimeoutError as CeleryTimeout
 
-        from reembed.messages import EmbedRequest, Outbox
+        from reembed.messages import EmbedRequest, Embeddings, Outbox
         from reembed.queue import client_app
         from reembed.vectors import decode_vectors
 
@@ -69,9 +69,10 @@ class Evaluator:
                 raise QueueUnavailableError(
                     f"no worker embedded the evaluation sample within {EMBED_TIMEOUT_S} s; start workers "
                     "(`reembed worker`) or pass --here to embed in this process") from exc
-            model.require_fingerprint(payload["fingerprint"], "a worker's answer")
+            answer = Embeddings.model_validate(payload)
+            model.require_fingerprint(answer.fingerprint, "a worker's answer")
             parts.append(decode_vectors(payload))
-            devices.add(payload["device"])
+            devices.add(answer.device)
             result.forget()
         return np.concatenate(parts), f"embedded on the workers ({', '.join(sorted(devices))})"
 

@@ -76,6 +76,30 @@ class BatchResult(Message):
     dropped: str | None = None
 
 
+class VectorCheck(BaseModel):
+    """``reembed.check_vectors``' answer: do the stored vectors come from the claimed model?"""
+
+    collection: str
+    model: str
+    fingerprint: str
+    checked: int
+    dimension_model: int
+    dimension_stored: int | None
+    probe: list[float]
+    match: bool
+    cosine_min: float | None
+    cosine_mean: float | None
+
+
+class Embeddings(BaseModel):
+    """``reembed.embed``'s answer: float32 vectors as base64 with their shape, and who made them."""
+
+    fingerprint: str
+    device: str
+    shape: list[int]
+    vectors: str
+
+
 class MigrateRequest(Message):
     """``reembed.migrate``: what another service sends to start a migration (returns its id)."""
 

@@ -212,10 +212,9 @@ class Feeder:
                 continue
             down_since = None
 
-    def _feed_file(self, file: Path, lost_after_s: float) -> None:
+    def from_file(self, file: Path) -> Callable[[list[str]], list[Document]]:
+        """A loader of lost batches' documents from the corpus file (batches are deterministic)."""
         skipped = self.progress.skipped_ids()
-        sent = int(self.progress.get().get("enqueued_batches", 0))
-        count = 0
 
         def load(ids: list[str]) -> list[Document]:
             wanted = set(ids)
@@ -223,7 +222,13 @@ class Feeder:
                 if {d.id for d in batch} & wanted:
                     return [d for d in batch if d.id in wanted]
             return []
+        return load
 
+    def _feed_file(self, file: Path, lost_after_s: float) -> None:
+        skipped = self.progress.skipped_ids()
+        sent = int(self.progress.get().get("enqueued_batches", 0))
+        count = 0
+        load = self.from_file(file)
         for index, (batch_id, batch) in enumerate(file_batches(file, self.record.batch_size, skipped)):
             count = index + 1
             if index < sent:  # sent before a crash

@@ -153,12 +153,6 @@ class IndexManager:
         log.info("bm25 index built", collection=collection, documents=len(index))
         return index
 
-    def forget(self, collection: str) -> None:
-        """Drop a collection's index from memory and disk (the collection was deleted)."""
-        with self._lock:
-            self._indexes.pop(collection, None)
-        shutil.rmtree(self.root / collection, ignore_errors=True)
-
     def _rebuild_in_child(self, collection: str) -> Bm25Index:
         """Build and publish in a child process, then load the published index and swap it in.
 

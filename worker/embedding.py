@@ -111,6 +111,10 @@ def reembed_batch(
     outcome = BatchOutcome(batch_id)
     in_redis = progress.exists()
     state = migration.state() if in_redis else migration.refresh().state
+    if state not in RUNNING_STATES and state != MigrationState.PAUSED and in_redis:
+        # This process may hold the record from before a restart (a cutover's catch-up): look again.
+        _records[migration_id] = migration.refresh()
+        state = migration.state()
     if state in RUNNING_STATES and not in_redis:
         # Redis lost its data (restarted without persistence): counting this batch into empty
         # progress would make half a record. Drop it; `reembed resume` diffs and re-feeds it.

@@ -17,11 +17,14 @@ from reembed.errors import RetryableError
 from reembed.lifecycle import Migration
 from reembed.messages import (
     BatchMessage,
+    BatchResult,
     CheckVectorsRequest,
     EmbedRequest,
+    Embeddings,
     MigrateRequest,
     MigrationRef,
     Outbox,
+    VectorCheck,
     parse,
 )
 from reembed.queue import (
@@ -76,8 +79,8 @@ def batch_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
                  seconds=round(time.perf_counter() - started, 3))
     for doc_id, reason in outcome.failed.items():
         log.error("document failed", id=doc_id, reason=reason)
-    return {"batch_id": message.batch_id, "written": outcome.written, "failed": len(outcome.failed),
-            "dropped": outcome.dropped}
+    return BatchResult(batch_id=message.batch_id, written=outcome.written, failed=len(outcome.failed),
+                       dropped=outcome.dropped).model_dump()
 
 
 @app.task(name=TASK_PUMP, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -137,7 +140,8 @@ def check_vectors_task(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
     request = parse(CheckVectorsRequest, args, kwargs, TASK_CHECK_VECTORS)
     if request is None:
         return None
-    return compare_stored_vectors(context.store(), request.collection, context.model(request.model), request.sample)
+    found = compare_stored_vectors(context.store(), request.collection, context.model(request.model), request.sample)
+    return VectorCheck.model_validate(found).model_dump()
 
 
 @app.task(name=TASK_EMBED, acks_late=True, reject_on_worker_lost=True)
@@ -148,5 +152,5 @@ def embed_task(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
     if request is None:
         return None
     loaded = context.model(request.model)
-    return {"fingerprint": loaded.fingerprint, "device": loaded.device,
-            **encode_vectors(loaded.embed_documents(request.texts))}
+    return Embeddings(fingerprint=loaded.fingerprint, device=loaded.device,
+                      **encode_vectors(loaded.embed_documents(request.texts))).model_dump()

@@ -181,3 +181,32 @@ def test_adopt_with_no_worker_running_exits_3_naming_the_fix(
     assert last.startswith("reembed: error: ") and "reembed worker" in last, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert time.monotonic() - started < 60
+
+
+def test_a_cutover_on_embedded_defaults_runs_its_catch_up_and_switches(tmp_path: Path) -> None:
+    """No REEMBED_REDIS_URL: no other worker can see the catch-up a cutover starts, so the
+    command runs it with its own workers and waits, instead of leaving it queued for nobody."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REEMBED_")}
+    env.update(REEMBED_DATA_DIR=str(data), HF_HUB_OFFLINE="1", REEMBED_LOG_FORMAT="json")
+
+    def cli(*args: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-m", "cli.main", *args, "--json"], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return dict(json.loads(done.stdout))
+
+    cli("ingest", "emb", str(corpus(tmp_path)), "--model", str(need(M2V_MINILM)), "--batch-size", "4")
+    migration = cli("migrate", "emb", "--to", str(need(M2V_MPNET)), "--cutover", "manual", "--wait")
+    assert migration["state"] == "complete"
+    # A write straight into the live collection while nothing runs (the data folder's Chroma)
+    client = chromadb.PersistentClient(path=str(data / "chroma"))
+    source = client.get_collection(migration["source_collection"])
+    source.upsert(ids=["d1"], documents=["changed behind reembed's back"], metadatas=[{"n": 1}],
+                  embeddings=source.get(ids=["d1"], include=["embeddings"])["embeddings"])
+    del client
+    answer = cli("cutover", "emb")
+    assert answer["state"] == "live" and answer["live_collection"] == migration["target_collection"]
+    client = chromadb.PersistentClient(path=str(data / "chroma"))
+    assert client.get_collection(migration["target_collection"]).get(ids=["d1"])["documents"] == [
+        "changed behind reembed's back"]
