@@ -297,3 +297,43 @@ def test_a_malformed_message_is_refused_with_one_line(caplog: pytest.LogCaptureF
         assert parse(MigrationRef, (), {"migration_id": "m", "extra": 1}, "reembed.pump") is None
         assert parse(MigrationRef, ("m",), {}, "reembed.pump") is None
     assert parse(MigrationRef, (), {"migration_id": "m"}, "reembed.pump") == MigrationRef(migration_id="m")
+
+
+@pytest.mark.parametrize("world", ["manual"], indirect=True)
+def test_the_final_catch_up_of_a_cutover_restarts_a_complete_migration(world: World) -> None:
+    start(world)
+    world.drain()
+    migration = world.migration()
+    assert migration.state() == S.COMPLETE
+    old = FakeModel("fake-a", "sha256:fake-a")
+    world.store.upsert(world.record.source_collection or "", ids=["after"], embeddings=old.embed_documents(["a"]),
+                       documents=["written after completion"], metadatas=[{"n": 1}])
+    migration.restart("final catch-up before cutover", verify=True, cutover="auto")
+    world.drain()
+    assert migration.refresh().state == S.LIVE and "after" in world.target()
+
+
+def test_a_rolled_back_migration_catches_up_when_it_goes_live_again(world: World) -> None:
+    start(world)
+    world.drain()
+    migration = world.migration()
+    alias = world.registry.get_alias("docs")
+    world.registry.switch_alias("docs", alias.previous_collection or "", alias.generation)  # the rollback
+    migration.rolled_back()
+    old = FakeModel("fake-a", "sha256:fake-a")
+    world.store.upsert(world.record.source_collection or "", ids=["while-back"], embeddings=old.embed_documents(["w"]),
+                       documents=["written while rolled back"], metadatas=[{"n": 2}])
+    migration.restart("cutover again", verify=True)
+    world.drain()
+    assert migration.refresh().state == S.LIVE and "while-back" in world.target()
+    assert world.registry.get_alias("docs").live_collection == world.record.target_collection
+
+
+def test_a_failed_migration_resumes(world: World) -> None:
+    migration = start(world)
+    migration.fail("a worker raised something unexpected")
+    assert migration.refresh().state == S.FAILED and migration.record.error
+    world.drain()  # its messages are dropped: it is failed
+    migration.restart("resume")
+    world.drain()
+    assert migration.refresh().state == S.LIVE and migration.record.error is None and len(world.target()) == 10
