@@ -132,9 +132,9 @@ class Migration:
         ingest is fed again from its file by the caller (``Feeder.feed_file``).
         """
         had_progress = self.progress.exists()
+        self._become(S.RUNNING, error=None, **changes)  # refused (and nothing written) from a final state
         if not had_progress:
             self.progress.init(self.record.total, S.RUNNING.value)
-        self._become(S.RUNNING, error=None, **changes)
         log.info("migration restarted", migration_id=self.id, alias=self.record.alias, reason=reason,
                  progress_rebuilt=not had_progress)
         if self.record.kind == "ingest":
