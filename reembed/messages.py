@@ -11,6 +11,7 @@ Other services send ``reembed.migrate`` by name with the keyword arguments of ``
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal, TypeVar
 
 import redis
@@ -31,6 +32,9 @@ from reembed.queue import (
 )
 
 log = structlog.get_logger(__name__)
+
+#: How long a caller that needs a worker (adopt's check) looks for one before saying none runs.
+WORKER_PATIENCE_S = 30.0
 
 
 class Message(BaseModel):
@@ -176,7 +180,15 @@ class Outbox:
     def embed(self, request: EmbedRequest) -> AsyncResult:
         return self._send(TASK_EMBED, request)
 
-    def workers(self, timeout: float = 2.0) -> list[str]:
-        """The names of the workers that answer a ping within ``timeout`` seconds."""
-        replies = self.app.control.ping(timeout=timeout) or []
-        return sorted(name for reply in replies for name in reply)
+    def workers(self, patience_s: float = WORKER_PATIENCE_S) -> list[str]:
+        """The names of the workers that answer a ping, asking again for up to ``patience_s``
+        seconds (a worker started a moment ago is still loading)."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                replies = self.app.control.ping(timeout=1.0) or []
+            except (OperationalError, redis.RedisError, OSError) as exc:
+                raise QueueUnavailableError(f"Redis is unreachable while looking for workers: {exc}") from exc
+            names = sorted(name for reply in replies for name in reply)
+            if names or time.monotonic() >= deadline:
+                return names
