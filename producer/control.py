@@ -97,11 +97,7 @@ class ControlPlane:
         check_alias_name(alias)
         if self.registry.has_alias(alias):
             raise AliasExistsError(f"alias {alias!r} already exists")
-        owner = self.registry.owners().get(collection)
-        if owner is not None or collection == REGISTRY_COLLECTION:
-            raise InputError(
-                f"collection {collection!r} belongs to alias {owner or 'reembed itself'!r}; one collection serves one "
-                f"alias (retiring one would delete the other's): search {owner!r} instead, or copy the collection")
+        self._refuse_owned(collection)
         if self.store.count(collection) == 0:
             raise InputError(f"collection {collection!r} is empty; there is nothing to verify a model against")
         ef = self.store.configuration(collection).get("embedding_function") or {}
@@ -134,10 +130,22 @@ class ControlPlane:
             origin="adopt", probe=result.probe,
         ))
         with alias_lock(self.redis, alias):
+            if self.registry.has_alias(alias):
+                raise AliasExistsError(f"alias {alias!r} already exists")
+            self._refuse_owned(collection)  # again under the lock: another adopt may have won meanwhile
             self.registry.switch_alias(alias, collection, None)
         log.info("collection adopted", alias=alias, collection=collection, model=spec.name)
         return {"alias": alias, "collection": collection, "model": spec.name, "fingerprint": fp,
                 "declared_model": declared, "checked": result.checked, "cosine_min": result.cosine_min}
+
+    def _refuse_owned(self, collection: str) -> None:
+        """One collection serves one alias: retiring one alias would otherwise delete the other's."""
+        if collection == REGISTRY_COLLECTION:
+            raise InputError(f"collection {collection!r} is reembed's own registry; it holds no documents to serve")
+        owner = self.registry.owners().get(collection)
+        if owner is not None:
+            raise InputError(f"collection {collection!r} belongs to alias {owner!r}; one collection serves one alias: "
+                             f"search {owner!r} instead, or copy the collection and adopt the copy")
 
     # -- migrate -----------------------------------------------------------------------------
 
