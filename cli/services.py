@@ -59,11 +59,12 @@ class ChromaServer:
 
     def start(self) -> ChromaServer:
         self.path.mkdir(parents=True, exist_ok=True)
-        logfile = open(self.path.parent / "chroma.log", "ab")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(
-            [chroma_executable(), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.path.parent / "chroma.log", "ab") as logfile:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [chroma_executable(), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port",
+                 str(self.port)],
+                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.monotonic() + CHROMA_START_TIMEOUT_S
         import httpx
 
@@ -138,6 +139,8 @@ class Workers:
              "--without-gossip", "--without-mingle", "-E"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        if not isinstance(out, int):
+            out.close()  # the child holds its own copy of the descriptor
         return self
 
     def stop(self, timeout: float = 30) -> None:

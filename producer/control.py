@@ -109,7 +109,7 @@ class ControlPlane:
             )
         spec = resolve_model(claimed)
         fp = fingerprint(spec, self.settings.data_dir)
-        if not self.outbox.workers():
+        if not self.outbox.workers(self.settings.worker_wait_s):
             raise QueueUnavailableError(f"no reembed worker is running to check the vectors of {collection!r}; "
                                         "start one with `reembed worker` and run adopt again")
         check = self.outbox.check_vectors(CheckVectorsRequest(collection=collection, model=spec.name))

@@ -33,9 +33,6 @@ from reembed.queue import (
 
 log = structlog.get_logger(__name__)
 
-#: How long a caller that needs a worker (adopt's check) looks for one before saying none runs.
-WORKER_PATIENCE_S = 30.0
-
 
 class Message(BaseModel):
     """A task's keyword arguments. Unknown fields are refused: a typo is an error, not a default."""
@@ -180,7 +177,7 @@ class Outbox:
     def embed(self, request: EmbedRequest) -> AsyncResult:
         return self._send(TASK_EMBED, request)
 
-    def workers(self, patience_s: float = WORKER_PATIENCE_S) -> list[str]:
+    def workers(self, patience_s: float) -> list[str]:
         """The names of the workers that answer a ping, asking again for up to ``patience_s``
         seconds (a worker started a moment ago is still loading)."""
         deadline = time.monotonic() + patience_s

@@ -55,6 +55,8 @@ FIELDS: tuple[Field, ...] = (
           "Batches of one migration allowed to wait in Redis (backpressure)."),
     Field("VISIBILITY_TIMEOUT_S", str(DEFAULT_VISIBILITY_TIMEOUT_S),
           "Seconds before a batch held by a vanished worker is delivered again."),
+    Field("WORKER_WAIT_S", "30", "Seconds a command that needs a worker to answer (adopt's vector check) "
+          "looks for one before it exits 3."),
     Field("PRELOAD_MODEL", "", "A model each worker process loads at start-up (and logs with its "
           "fingerprint, device and batch size), so the first batch does not wait for it."),
     Field("TORCH_THREADS", "1", "Torch threads per worker process; one per process scales best "
@@ -88,6 +90,7 @@ class Settings:
     embed_batch_size: int
     max_waiting_batches: int
     visibility_timeout_s: int
+    worker_wait_s: int
     preload_model: str
     torch_threads: int
     search_depth: int
@@ -123,6 +126,7 @@ class Settings:
             embed_batch_size=_int(raw, "EMBED_BATCH_SIZE", 0, 4096),
             max_waiting_batches=_int(raw, "MAX_WAITING_BATCHES", 1, 10_000),
             visibility_timeout_s=_int(raw, "VISIBILITY_TIMEOUT_S", 10, 7 * 24 * 3600),
+            worker_wait_s=_int(raw, "WORKER_WAIT_S", 1, 3600),
             preload_model=raw["PRELOAD_MODEL"].strip(),
             torch_threads=_int(raw, "TORCH_THREADS", 1, 256),
             search_depth=_int(raw, "SEARCH_DEPTH", 1, 1000),
@@ -149,6 +153,7 @@ class Settings:
             PREFIX + "EMBED_BATCH_SIZE": str(self.embed_batch_size),
             PREFIX + "MAX_WAITING_BATCHES": str(self.max_waiting_batches),
             PREFIX + "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
+            PREFIX + "WORKER_WAIT_S": str(self.worker_wait_s),
             PREFIX + "PRELOAD_MODEL": self.preload_model,
             PREFIX + "TORCH_THREADS": str(self.torch_threads),
             PREFIX + "SEARCH_DEPTH": str(self.search_depth),
