@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from producer import ControlPlane
 from cli.services import ChromaServer, Workers
+from producer import ControlPlane
 from reembed.settings import Settings
 from tests.conftest import SCIFACT, TEST_REDIS_URL, need
 
@@ -26,9 +26,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("reembed-data")
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
+def flushed_redis(url: str) -> redis.Redis:
+    """A client of the database at ``url``, flushed; no Redis skips locally and fails in CI."""
+    client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.ConnectionError:
@@ -36,6 +36,12 @@ def redis_url() -> Iterator[str]:
             raise
         pytest.skip("no Redis on 127.0.0.1:6379")
     client.flushdb()
+    return client
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    client = flushed_redis(TEST_REDIS_URL)
     yield TEST_REDIS_URL
     client.flushdb()
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import chromadb
 import pytest
-import redis
 
 from cli.services import ChromaServer, LocalStack, Workers
 from producer import ControlPlane, Writer
@@ -29,6 +28,7 @@ from reembed.errors import InputError, MigrationStateError
 from reembed.registry import MigrationState
 from reembed.settings import Settings
 from tests.conftest import M2V_MINILM, M2V_MPNET, need
+from tests.integration.conftest import flushed_redis
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +45,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Env]:
-    client = redis.Redis.from_url(MODULE_REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    client.flushdb()
+    client = flushed_redis(MODULE_REDIS_URL)
     root = tmp_path_factory.mktemp("defects")
     chroma = ChromaServer(root / "chroma").start()
     settings = Settings.from_env({
