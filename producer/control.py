@@ -27,7 +27,7 @@ from reembed.errors import (
     QueueUnavailableError,
     WaitTimeoutError,
 )
-from reembed.lifecycle import FINAL_STATES, Migration
+from reembed.lifecycle import FINAL_STATES, Migration, unfinished
 from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
 from reembed.migrations import check_alias_name, start_ingest, start_migration
 from reembed.models import fingerprint, resolve_model
@@ -266,12 +266,11 @@ class ControlPlane:
         collection rolled back to already holds them.
         """
         current = self.registry.get_alias(alias)
-        for record in self.registry.migrations(alias):
-            waiting = record.state == MigrationState.COMPLETE and record.target_collection != current.live_collection
-            if record.state in ACTIVE_STATES or waiting:
-                raise MigrationStateError(
-                    f"migration {record.id} of alias {alias!r} is {record.state.value}; a rollback now would switch "
-                    f"the alias away from the collection it re-embeds: `reembed cancel {record.id}` first")
+        blocking = unfinished(self.registry, alias)
+        if blocking is not None:
+            raise MigrationStateError(
+                f"migration {blocking.id} of alias {alias!r} is {blocking.state.value}; a rollback now would switch "
+                f"the alias away from the collection it re-embeds: `reembed cancel {blocking.id}` first")
         if not current.previous_collection:
             raise MigrationStateError(f"alias {alias!r} has no previous collection to roll back to")
         if not self.store.exists(current.previous_collection):

@@ -54,7 +54,7 @@ class Evaluator:
             return model.embed_documents(texts), "embedded here"
         from celery.exceptions import TimeoutError as CeleryTimeout
 
-        from reembed.messages import EmbedRequest, Embeddings, Outbox
+        from reembed.messages import Embeddings, EmbedRequest, Outbox
         from reembed.queue import client_app
         from reembed.vectors import decode_vectors
 

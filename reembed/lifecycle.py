@@ -233,6 +233,13 @@ def current_state(record: MigrationRecord, cached: str | None) -> MigrationState
     return MigrationState(cached)
 
 
-def active_migrations(registry: Registry, alias: str) -> list[MigrationRecord]:
-    """Migrations of ``alias`` that are not over yet (planned, running, paused, verifying)."""
-    return [r for r in registry.migrations(alias) if r.state in ACTIVE_STATES]
+def unfinished(registry: Registry, alias: str) -> MigrationRecord | None:
+    """The migration of ``alias`` that is not over: planned, running, paused, verifying, or complete
+    and waiting for its cutover. While there is one, the alias may neither start another migration
+    (the waiting target would miss the writes) nor roll back (the migration's source would stop
+    being what the alias serves)."""
+    live = registry.get_alias(alias).live_collection if registry.has_alias(alias) else None
+    for record in registry.migrations(alias):
+        if record.state in ACTIVE_STATES or (record.state == S.COMPLETE and record.target_collection != live):
+            return record
+    return None

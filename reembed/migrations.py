@@ -21,11 +21,11 @@ from reembed.errors import (
     MigrationStateError,
     MissingTextError,
 )
-from reembed.lifecycle import Migration
+from reembed.lifecycle import Migration, unfinished
 from reembed.messages import Outbox
 from reembed.models import ModelSpec, fingerprint, resolve_model
 from reembed.progress import alias_lock
-from reembed.registry import ACTIVE_STATES, CollectionRecord, MigrationRecord, Registry
+from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
 from reembed.store import Store
 
@@ -59,12 +59,15 @@ def target_name(alias: str, spec: ModelSpec, migration_id: str) -> str:
 
 
 def _refuse_if_active(registry: Registry, alias: str) -> None:
-    for record in registry.migrations(alias):
-        if record.state in ACTIVE_STATES:
-            raise MigrationStateError(
-                f"migration {record.id} of alias {alias!r} is {record.state.value}; wait for it, or "
-                f"`reembed cancel {record.id}`"
-            )
+    record = unfinished(registry, alias)
+    if record is not None and record.state == MigrationState.COMPLETE:
+        raise MigrationStateError(
+            f"migration {record.id} of alias {alias!r} is complete and waits for its cutover; "
+            f"`reembed cutover {alias}`, or `reembed cancel {record.id}`")
+    if record is not None:
+        raise MigrationStateError(
+            f"migration {record.id} of alias {alias!r} is {record.state.value}; wait for it, or "
+            f"`reembed cancel {record.id}`")
 
 
 def start_migration(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,

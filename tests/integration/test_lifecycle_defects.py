@@ -161,6 +161,24 @@ def test_a_migration_whose_source_stopped_being_live_does_not_cut_over(
     assert live(control, alias) == old
 
 
+def test_a_migration_while_another_waits_for_its_cutover_is_refused(tmp_path: Path, env: Env) -> None:
+    """Found by the long stateful run: a second migration was accepted while a manual one waited
+    for its cutover; the waiting target then missed every write, and retire deleted its source."""
+    control, alias = env.control, "waiting"
+    ingest = control.ingest(alias, corpus(tmp_path), str(need(M2V_MINILM)), batch_size=4)
+    assert control.wait(ingest.id, timeout=120).state == MigrationState.LIVE
+    first = control.migrate(alias, str(need(M2V_MPNET)), batch_size=4, cutover="manual")
+    assert control.wait(first.id, timeout=120).state == MigrationState.COMPLETE
+    before = control.registry.get_alias(alias)
+    with pytest.raises(MigrationStateError, match=f"waits for its cutover; `reembed cutover {alias}`, or "
+                                                  f"`reembed cancel {first.id}`"):
+        control.migrate(alias, str(need(M2V_MPNET)), batch_size=4)
+    assert control.registry.get_alias(alias) == before and len(control.registry.migrations(alias)) == 2
+    control.cancel(first.id)
+    second = control.migrate(alias, str(need(M2V_MPNET)), batch_size=4)
+    assert control.wait(second.id, timeout=120).state == MigrationState.LIVE
+
+
 def test_one_collection_belongs_to_one_alias(
         tmp_path: Path, env: Env) -> None:
     chroma, control = env.chroma, env.control
