@@ -25,7 +25,7 @@ import structlog
 
 from reembed.errors import CollectionNotFoundError, MigrationStateError
 from reembed.messages import BatchMessage, Outbox
-from reembed.progress import Progress, alias_lock
+from reembed.progress import ALIAS_LOCK_TTL_S, Progress, alias_lock
 from reembed.registry import (
     ACTIVE_STATES,
     CollectionRecord,
@@ -180,7 +180,8 @@ class Migration:
         if not store.exists(record.target_collection):
             raise CollectionNotFoundError(f"target collection {record.target_collection!r} of migration "
                                           f"{record.id} is gone")
-        with alias_lock(self.progress.r, record.alias):
+        # Wait for the lock: a small migration can finish before the producer that started it lets go.
+        with alias_lock(self.progress.r, record.alias, wait_s=ALIAS_LOCK_TTL_S):
             current = self.registry.get_alias(record.alias) if self.registry.has_alias(record.alias) else None
             if current is not None and current.live_collection not in (record.target_collection,
                                                                        record.source_collection):

@@ -315,13 +315,16 @@ class Progress:
         return {"total": int(total or 0), "done": int(done or 0), "failed": int(failed), "skipped": int(skipped)}
 
 @contextlib.contextmanager
-def alias_lock(client: redis.Redis, alias: str) -> Iterator[None]:
-    """Serialise the writers of one alias across processes and machines.
+def alias_lock(client: redis.Redis, alias: str, wait_s: float = 0.0) -> Iterator[None]:
+    """Serialise the writers of one alias across processes and machines. A producer does not
+    wait (two producers on one alias: one is refused); an automatic cutover waits ``wait_s`` for
+    the producer that started its migration to let go.
 
     Raises:
         MigrationStateError: another producer holds the lock.
     """
-    lock = client.lock(alias_lock_key(alias), timeout=ALIAS_LOCK_TTL_S, blocking=False)
+    lock = client.lock(alias_lock_key(alias), timeout=ALIAS_LOCK_TTL_S, blocking=wait_s > 0,
+                       blocking_timeout=wait_s or None)
     with redis_errors(f"locking alias {alias!r}"):
         acquired = lock.acquire()
     if not acquired:

@@ -337,3 +337,19 @@ def test_a_failed_migration_resumes(world: World) -> None:
     migration.restart("resume")
     world.drain()
     assert migration.refresh().state == S.LIVE and migration.record.error is None and len(world.target()) == 10
+
+
+def test_an_automatic_cutover_waits_for_the_producer_that_holds_the_alias(world: World) -> None:
+    """Found by the long stateful run: a small migration finished before the producer that started
+    it let go of the alias lock, and its automatic cutover was refused (the migration stayed complete)."""
+    import threading
+
+    from reembed.progress import alias_lock
+
+    migration = start(world)
+    with alias_lock(world.redis, "docs"):
+        finishing = threading.Thread(target=world.drain)
+        finishing.start()
+        time.sleep(0.3)  # the workers finish while the producer still holds the alias
+    finishing.join(timeout=30)
+    assert migration.refresh().state == S.LIVE and migration.record.error is None
