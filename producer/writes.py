@@ -1,11 +1,12 @@
 """The write path other services use: documents go through an alias, never around it.
 
-A write lands in the alias's live collection, embedded with that collection's own model, and,
-while a migration of the alias is running or waiting for cutover, in the migration's target too,
-embedded with the new model. Then the collections' write counters are bumped in Redis so every
-search process rebuilds its BM25 index. If the target write fails (or a service writes to the
-source collection behind reembed's back), nothing is lost: the migration's verification diffs
-source and target by content hash before completing, and again at cutover, and re-embeds what differs.
+A write lands in every collection the alias serves or may serve next, each embedded with its
+own model: the live collection, the previous one (what a rollback switches to), and the target
+of a migration that runs or waits for its cutover. Then the collections' write counters are
+bumped in Redis so every search process rebuilds its BM25 index. If a target write fails (or a
+service writes to the live collection behind reembed's back), nothing is lost: a migration's
+verification diffs source and target by content hash before completing, and again at cutover
+(also after a rollback), and re-embeds what differs.
 """
 
 from __future__ import annotations
@@ -18,18 +19,14 @@ import structlog
 
 from reembed.documents import Document, check_metadata, check_text, provenance
 from reembed.errors import InputError, ReembedError
+from reembed.lifecycle import WRITE_THROUGH
 from reembed.models import LoadedModel, load_configured
 from reembed.progress import bump_writes, redis_client
-from reembed.registry import MigrationState, Registry
+from reembed.registry import Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
 from reembed.store import Store
 
 log = structlog.get_logger(__name__)
-
-#: Migration states whose target receives writes: it will be (or may become) what the alias serves.
-_WRITE_THROUGH = frozenset({MigrationState.RUNNING, MigrationState.PAUSED, MigrationState.VERIFYING,
-                            MigrationState.COMPLETE})
-
 
 @dataclass(frozen=True)
 class WriteTarget:
@@ -61,7 +58,7 @@ class Writer:
         if current.previous_collection:
             names.append((current.previous_collection, "previous"))
         record = self.registry.latest_migration(alias)
-        if (record is not None and record.kind == "migrate" and record.state in _WRITE_THROUGH
+        if (record is not None and record.kind == "migrate" and record.state in WRITE_THROUGH
                 and record.source_collection == current.live_collection):
             names.append((record.target_collection, "migration target"))
         found: list[WriteTarget] = []

@@ -1,8 +1,9 @@
 """The whole lifecycle, driven in random orders against real services, checked against a model.
 
-A hypothesis ``RuleBasedStateMachine`` plays a user: ingest, migrate (auto and manual cutover),
-add, upsert, delete, pause, resume, cancel, cutover, rollback, canary, adopt, retire, waiting, and
-SIGKILLs of worker processes, in any order, on two aliases. Beside the real services (Redis, a
+A hypothesis ``RuleBasedStateMachine`` plays a user: it ingests two aliases, then runs migrate
+(auto and manual cutover, waited for or left running), add, upsert, delete, pause, resume, cancel,
+cutover, rollback, canary, adopt (of another alias's collection: refused), retire, waiting, and
+SIGKILLs of worker processes, in any order. Beside the real services (Redis, a
 `chroma run`, a `celery worker`, the two static models) it keeps a plain dict of what the user
 wrote. After every step it reads Chroma directly and checks:
 
@@ -13,7 +14,8 @@ wrote. After every step it reads Chroma directly and checks:
 * a command either did what it said or refused with a one-line message and changed nothing.
 
 The test command runs a few examples (``REEMBED_STATEFUL_EXAMPLES``, default 3, of up to
-``REEMBED_STATEFUL_STEPS`` steps, default 24); ``bash scripts/stateful.sh N`` runs many more.
+``REEMBED_STATEFUL_STEPS`` steps, default 24); ``bash scripts/stateful.sh 80 30`` runs many
+more (shrinking is off on real services unless ``REEMBED_STATEFUL_SHRINK`` is set).
 Every failing sequence it ever found is kept as a named test in ``test_lifecycle_defects.py``.
 """
 
