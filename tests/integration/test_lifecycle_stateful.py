@@ -109,14 +109,31 @@ class Lifecycle(RuleBasedStateMachine):
     def refused(self, alias: str, action: Callable[[], Any], what: str) -> Any:
         """Run ``action``; a refusal must be one line and leave the alias record as it was."""
         before = self.alias_state(alias)
+        pending = self.latest(alias)
         try:
             result = action()
         except ReembedError as exc:
             self.note(f"{what}: refused: {_one_line(exc)}")
-            assert self.alias_state(alias) == before, f"{what} was refused but changed alias {alias!r}"
+            after = self.alias_state(alias)
+            if after != before and self.went_live_meanwhile(pending, before, after):
+                self.note(f"  (meanwhile migration {pending.id} went live by itself)")
+            else:
+                assert after == before, f"{what} was refused but changed alias {alias!r}"
             return None
         self.note(f"{what}: ok")
         return result if result is not None else True
+
+    def went_live_meanwhile(self, pending: Any, before: str | None, after: str | None) -> bool:
+        """Whether the only change to the alias is the automatic cutover of the migration that was
+        running when the command started (the worker does that on its own, under the alias lock)."""
+        if pending is None or pending.cutover != "auto" or before is None or after is None:
+            return False
+        if pending.state not in ACTIVE_STATES | {MigrationState.COMPLETE}:
+            return False
+        old, new = json.loads(before), json.loads(after)
+        now = self.control.registry.get_migration(pending.id)
+        return (now.state == MigrationState.LIVE and new["live_collection"] == pending.target_collection
+                and new["previous_collection"] == old["live_collection"] == pending.source_collection)
 
     def latest(self, alias: str) -> Any:
         return self.control.registry.latest_migration(alias) if alias in self.docs else None
