@@ -36,7 +36,8 @@ from bench.common import ROOT, SCIFACT, SHARED, percentile, write_section  # noq
 from producer import ControlPlane  # noqa: E402
 from reembed.metrics import read_qrels, read_queries  # noqa: E402
 from reembed.registry import MigrationState  # noqa: E402
-from cli.services import LocalStack, free_port  # noqa: E402
+from cli.services import free_port  # noqa: E402
+from cli.stack import LocalStack  # noqa: E402
 from reembed.settings import Settings  # noqa: E402
 
 RELIABILITY = ROOT / "RELIABILITY.md"

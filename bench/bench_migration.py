@@ -48,7 +48,8 @@ from reembed.progress import Progress  # noqa: E402
 from reembed.queue import QUEUE_BATCHES, QUEUE_CONTROL  # noqa: E402
 from reembed.registry import MigrationState  # noqa: E402
 from reembed.runtimes import openvino_cache, use_openvino  # noqa: E402
-from cli.services import LocalStack, Workers  # noqa: E402
+from cli.services import Workers  # noqa: E402
+from cli.stack import LocalStack  # noqa: E402
 from reembed.settings import Settings  # noqa: E402
 from search import Searcher  # noqa: E402
 

@@ -37,7 +37,8 @@ from producer import ControlPlane  # noqa: E402
 from producer.evaluate import Evaluator, write_report  # noqa: E402
 from reembed.metrics import mean_scores, read_qrels, read_queries  # noqa: E402
 from reembed.registry import MigrationState  # noqa: E402
-from cli.services import LocalStack, free_port  # noqa: E402
+from cli.services import free_port  # noqa: E402
+from cli.stack import LocalStack  # noqa: E402
 from reembed.settings import Settings  # noqa: E402
 from search import Searcher  # noqa: E402
 from search.api import create_app  # noqa: E402

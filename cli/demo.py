@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from cli.services import LocalStack
+from cli.stack import LocalStack
 from producer import ControlPlane
 from reembed.documents import demo_corpus_path, read_corpus
 from reembed.settings import Settings

@@ -10,6 +10,7 @@ command also starts its own workers (``--workers``) and waits for the work to fi
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,10 +22,12 @@ from cli.common import (
     EXIT_FAILED,
     emit,
     fail,
+    handle_signals,
     json_option,
     progress_line,
     run_guarded,
     stack,
+    wait_and_report,
     workers_option,
 )
 from reembed.errors import ReembedError
@@ -44,7 +47,11 @@ def main(ctx: click.Context) -> None:
     except ReembedError as exc:
         fail(str(exc), exc.exit_code)
         return
-    configure_logging(settings)
+    # A command prints its answer and, on failure, one line; its log stays quiet unless asked
+    # for (REEMBED_LOG_LEVEL), while the workers it starts log at the configured level.
+    quiet = "REEMBED_LOG_LEVEL" not in os.environ and settings.log_level == "INFO"
+    configure_logging(settings.with_(log_level="WARNING") if quiet else settings)
+    handle_signals()
     ctx.obj = settings
 
 
@@ -79,16 +86,16 @@ def ingest(settings: Settings, alias: str, file: Path, model: str, batch_size: i
     def run() -> None:
         from producer import ControlPlane
 
-        with stack(settings, workers) as local:
+        with stack(settings, workers, needs_workers=True) as local:
             cp = ControlPlane(local.settings)
-            record = cp.ingest(alias, file, model, batch_size, skip_missing_text)
-            if wait or local.embedded:
-                record = cp.wait(record.id, on_progress=None if as_json else progress_line)
-                click.echo("", err=True)
-            status = cp.status(record.id)
+            record = cp.ingest(alias, file, model, batch_size, skip_missing_text, stalled=local.no_worker)
+            if wait or local.ephemeral:
+                status = wait_and_report(local, cp, record.id, as_json)
+            else:
+                status = cp.status(record.id)
         emit(as_json, status)
         if status["state"] == "failed":
-            sys.exit(EXIT_FAILED)
+            fail(f"ingest {record.id} failed: {status['error']}", EXIT_FAILED)
     run_guarded(run)
 
 
@@ -128,21 +135,21 @@ def migrate(settings: Settings, alias: str, to_model: str, batch_size: int | Non
     def run() -> None:
         from producer import ControlPlane
 
-        with stack(settings, workers) as local:
+        with stack(settings, workers, needs_workers=True) as local:
             cp = ControlPlane(local.settings)
             record = cp.migrate(alias, to_model, batch_size, cutover, skip_missing_text)
             if not as_json:
                 click.echo(record.id)
-            if wait or local.embedded:
-                cp.wait(record.id, on_progress=None if as_json else progress_line)
-                click.echo("", err=True)
-            status = cp.status(record.id)
+            if wait or local.ephemeral:
+                status = wait_and_report(local, cp, record.id, as_json)
+            else:
+                status = cp.status(record.id)
         if as_json:
             emit(True, status)
         elif wait or status["state"] in ("complete", "live", "failed"):
             emit(False, status)
         if status["state"] == "failed":
-            sys.exit(EXIT_FAILED)
+            fail(f"migration {record.id} failed: {status['error']}", EXIT_FAILED)
     run_guarded(run)
 
 
@@ -158,6 +165,7 @@ def status(settings: Settings, target: str | None, watching: bool, interval: flo
     """Alias and latest migration progress (TARGET is an alias or a migration id); all aliases without one."""
     def run() -> None:
         from producer import ControlPlane
+        from reembed.registry import ACTIVE_STATES
 
         with stack(settings, 0) as local:
             cp = ControlPlane(local.settings)
@@ -176,11 +184,28 @@ def status(settings: Settings, target: str | None, watching: bool, interval: flo
                 emit(as_json, cp.status(target))
             else:
                 rows = [cp.status(a.alias) for a in cp.registry.aliases()]
-                emit(as_json, {"aliases": rows}, "\n".join(
-                    f"{r['alias']}: {r['live_collection']} ({r['model']})"
-                    + (f", migration {r['migration_id']} {r['state']} {r['done']}/{r['total']}" if "state" in r else "")
-                    for r in rows) or "no aliases")
+                # An alias exists once its ingest is live: show the ingests still under way too.
+                ingests = [{"alias": m.alias, **cp.migration_status(m)} for m in cp.registry.migrations()
+                           if m.kind == "ingest" and m.state in ACTIVE_STATES and not cp.registry.has_alias(m.alias)]
+                emit(as_json, {"aliases": rows, "ingests": ingests}, "\n".join(
+                    [f"{r['alias']}: {r['live_collection']} ({r['model']})"
+                     + (f", migration {r['migration_id']} {r['state']} {r['done']}/{r['total']}" if "state" in r else "")
+                     for r in rows]
+                    + [f"{r['alias']}: ingest {r['migration_id']} {r['state']} {r['done']}/{r['total']}" for r in ingests])
+                    or "no aliases")
     run_guarded(run)
+
+
+def explain_wait(local: Any, result: dict[str, Any]) -> None:
+    """After a resume: what it waits for, and for how long at most, in one line on stderr."""
+    from reembed.progress import redis_client
+    from reembed.queue import in_flight
+
+    count, back_in = in_flight(redis_client(local.settings.redis_url), local.settings.visibility_timeout_s)
+    if count and back_in:
+        click.echo(f"reembed: {count} task(s) are held by workers; any whose worker is gone comes back to the queue "
+                   f"within {back_in:.0f} s (REEMBED_VISIBILITY_TIMEOUT_S={local.settings.visibility_timeout_s})",
+                   err=True)
 
 
 def _control(verb: str, help_text: str, argument: str) -> None:
@@ -194,17 +219,19 @@ def _control(verb: str, help_text: str, argument: str) -> None:
             from producer import ControlPlane
 
             needs_workers = verb == "resume"
-            with stack(settings, workers if needs_workers else 0) as local:
+            with stack(settings, workers if needs_workers else 0, needs_workers) as local:
                 cp = ControlPlane(local.settings)
-                result = getattr(cp, verb)(kwargs[argument])
+                result = (cp.resume(kwargs[argument], stalled=local.no_worker) if needs_workers
+                          else getattr(cp, verb)(kwargs[argument]))
                 # A cutover (or a rollback to a rolled-back target) may start a final catch-up:
-                # with an embedded Redis no other worker can see it, so run it here and wait.
+                # with an embedded Redis only the folder's workers can see it: run them, and wait.
                 catching_up = bool(result.get("catching_up")) and local.embedded
                 if catching_up:
                     local.start_workers(workers or 1)
-                if (needs_workers and local.embedded) or catching_up:
-                    cp.wait(result["migration_id"], on_progress=None if as_json else progress_line)
-                    result = cp.status(result["migration_id"])
+                if needs_workers:
+                    explain_wait(local, result)
+                if (needs_workers or catching_up) and local.ephemeral:
+                    result = wait_and_report(local, cp, result["migration_id"], as_json)
             emit(as_json, result)
         run_guarded(run)
 
@@ -282,10 +309,10 @@ def retire(settings: Settings, alias: str, yes: bool, also_previous: str | None,
 
 def _register() -> None:
     """The commands that live in their own modules (the write path, search, serving, assessment)."""
-    from cli import assess, serving
+    from cli import assess, folder, serving
 
     for command in (assess.plan, assess.evaluate, serving.add, serving.upsert, serving.delete, serving.search,
-                    serving.serve, serving.worker, serving.demo):
+                    serving.serve, serving.worker, serving.demo, folder.up, folder.down):
         main.add_command(command)
 
 

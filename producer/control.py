@@ -24,7 +24,9 @@ from reembed.errors import (
     MigrationNotFoundError,
     MigrationStateError,
     ModelMismatchError,
+    NoWorkerError,
     QueueUnavailableError,
+    ReembedError,
     WaitTimeoutError,
 )
 from reembed.lifecycle import FINAL_STATES, Migration, unfinished
@@ -53,6 +55,8 @@ log = structlog.get_logger(__name__)
 POLL_S = 0.2
 #: While waiting for an ingest, how often to look for batches whose message was lost.
 RESEND_EVERY_S = 5.0
+#: While waiting, how often to ask whether anything still works on the migration.
+STALL_CHECK_S = 2.0
 
 
 class ControlPlane:
@@ -72,18 +76,19 @@ class ControlPlane:
     # -- ingest ------------------------------------------------------------------------------
 
     def ingest(self, alias: str, file: Path, model: str, batch_size: int | None = None,
-               skip_missing_text: bool = False) -> MigrationRecord:
-        """Create ALIAS from a corpus file: validate it whole, then feed its batches to the workers."""
+               skip_missing_text: bool = False, stalled: Callable[[], str | None] | None = None) -> MigrationRecord:
+        """Create ALIAS from a corpus file: validate it whole, then feed its batches to the workers
+        (``stalled``: see :meth:`wait`)."""
         record = start_ingest(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
                               file=file, model=model, batch_size=batch_size, skip_missing_text=skip_missing_text)
-        self.feed_file(record, file)
+        self.feed_file(record, file, stalled)
         return record
 
-    def feed_file(self, record: MigrationRecord, file: Path) -> None:
+    def feed_file(self, record: MigrationRecord, file: Path, stalled: Callable[[], str | None] | None = None) -> None:
         """Send the file's batches under backpressure; safe to call again after a crash (resumes)."""
         feeder = Feeder(Migration(record, self.registry, self.redis, self.outbox), None,
                         self.settings.max_waiting_batches)
-        feeder.feed_file(file, lost_after_s=2.0 * self.settings.visibility_timeout_s)
+        feeder.feed_file(file, lost_after_s=2.0 * self.settings.visibility_timeout_s, stalled=stalled)
 
     # -- adopt -------------------------------------------------------------------------------
 
@@ -190,11 +195,31 @@ class ControlPlane:
         return migration_status(self.redis, record)
 
     def wait(self, migration_id: str, timeout: float | None = None,
-             on_progress: Callable[[dict[str, Any]], None] | None = None) -> MigrationRecord:
-        """Block until the migration reaches a final state (complete, live, cancelled, failed)."""
+             on_progress: Callable[[dict[str, Any]], None] | None = None,
+             stalled: Callable[[], str | None] | None = None) -> MigrationRecord:
+        """Block until the migration reaches a final state (complete, live, cancelled, failed).
+
+        ``stalled`` says why nothing will work on the migration (no worker alive, the data folder
+        gone), or None; it is asked every ``STALL_CHECK_S`` so that a wait never hangs silently.
+
+        Raises:
+            WaitTimeoutError: ``timeout`` passed. NoWorkerError: ``stalled`` gave a reason.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         next_resend = time.monotonic() + RESEND_EVERY_S
+        next_check = time.monotonic() + STALL_CHECK_S
         while True:
+            if stalled is not None and time.monotonic() >= next_check:
+                reason = stalled()
+                if reason:
+                    try:
+                        state = self.registry.get_migration(migration_id).state
+                    except ReembedError:  # the data folder deleted under its Chroma, for one
+                        state = MigrationState.RUNNING
+                    if state not in FINAL_STATES:
+                        raise NoWorkerError(f"{reason}; migration {migration_id} stays {state.value} and "
+                                            f"goes on when a worker runs (`reembed status {migration_id}`)")
+                next_check = time.monotonic() + STALL_CHECK_S
             record = self.registry.get_migration(migration_id)
             if on_progress:
                 on_progress(self.migration_status(record))
@@ -370,7 +395,7 @@ class ControlPlane:
     def pause(self, migration_id: str) -> dict[str, Any]:
         return self.migration_status(self.migration(migration_id).pause())
 
-    def resume(self, migration_id: str) -> dict[str, Any]:
+    def resume(self, migration_id: str, stalled: Callable[[], str | None] | None = None) -> dict[str, Any]:
         """Continue a paused or failed migration, or rebuild one whose Redis state was lost.
 
         After a Redis loss the queue and the counters are gone; the durable record survives in
@@ -390,7 +415,7 @@ class ControlPlane:
             if not migration.progress.skipped_ids():
                 migration.progress.record_skipped(dict.fromkeys(validate_corpus(Path(record.source_file))[1],
                                                                 "document has no text"))
-            self.feed_file(record, Path(record.source_file))
+            self.feed_file(record, Path(record.source_file), stalled)
         return self.migration_status(record)
 
     def cancel(self, migration_id: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ def provenance(model: LoadedModel, text: str, metadata: dict[str, Any] | None) -
 #: The longest document accepted (characters). Models truncate long texts anyway (a recorded
 #: warning); this bound keeps one document from making a worker allocate without limit.
 MAX_DOCUMENT_CHARS = 4_000_000
+#: Chroma stores metadata integers as signed 64-bit.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: C0 control characters other than tab, newline and carriage return: never text, often a sign
 #: of a binary file or a broken export.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -101,6 +104,12 @@ def check_metadata(doc_id: str, metadata: Any, where: str) -> dict[str, Any]:
                 f"{where}: document {doc_id!r} metadata {key!r} is {type(value).__name__}; Chroma stores only "
                 "str, int, float and bool values (flatten it or encode it as a string)"
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{where}: document {doc_id!r} metadata {key!r} is {value}; Chroma stores only finite "
+                             "numbers (drop the key, or store it as a string)")
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            raise InputError(f"{where}: document {doc_id!r} metadata {key!r} is {value}, outside the 64-bit "
+                             "integers Chroma stores (store it as a string)")
     return dict(metadata)
 
 

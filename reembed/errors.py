@@ -18,6 +18,8 @@
     ├── AliasExistsError
     ├── MigrationNotFoundError
     ├── MigrationStateError         the migration is not in a state that allows this
+    ├── LocalStackError             the data folder's own Redis/Chroma/workers cannot be run
+    ├── NoWorkerError               a command waits for work that no worker is alive to do
     └── WaitTimeoutError            a migration did not end within the time a caller waited
 
 Workers retry ``RetryableError`` with backoff; anything else in a batch is permanent and is
@@ -108,6 +110,16 @@ class MigrationNotFoundError(ReembedError):
 
 class MigrationStateError(ReembedError):
     """The migration's state does not allow the operation (e.g. cutover before complete)."""
+
+
+class LocalStackError(ReembedError):
+    """The data folder's local services (Redis, Chroma, workers) cannot be started, found or used."""
+
+
+class NoWorkerError(ReembedError):
+    """A command waits for a migration, but no worker is alive to work on it."""
+
+    exit_code = 5
 
 
 class WaitTimeoutError(ReembedError):

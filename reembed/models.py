@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from reembed.errors import ModelMismatchError, ModelNotFoundError
+from reembed.errors import ModelError, ModelMismatchError, ModelNotFoundError
 from reembed.runtimes import check_backend, openvino_cache, use_openvino
 from reembed.weights import LocalDirectory, PipPackage, SplitZip, WeightSource
 
@@ -330,6 +330,7 @@ def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", th
 
     Raises:
         ModelNotFoundError: its weights are not installed.
+        ModelError: its weights are there but cannot be loaded (missing files, truncated).
         ConfigError: the backend cannot run here (OpenVINO on a GPU, or not installed).
     """
     device = pick_device(device_setting)
@@ -343,7 +344,12 @@ def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", th
 
         torch.set_num_threads(threads)
         directory = model_dir(spec, data_dir)
-        model = SentenceTransformer(str(directory), device=device, local_files_only=True)
+        try:
+            model = SentenceTransformer(str(directory), device=device, local_files_only=True)
+        except Exception as exc:  # torch, safetensors and transformers each raise their own
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"model {spec.name!r} in {directory} cannot be loaded ({type(exc).__name__}: "
+                             f"{reason[:200]}); its weights are missing or damaged: install them again") from exc
         if spec.max_seq_length:
             model.max_seq_length = spec.max_seq_length
         if use_half_precision(device):

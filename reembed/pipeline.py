@@ -37,7 +37,7 @@ from reembed.documents import (
     user_metadata,
     validate_corpus,
 )
-from reembed.errors import QueueUnavailableError, ReembedError, RetryableError
+from reembed.errors import NoWorkerError, QueueUnavailableError, ReembedError, RetryableError
 from reembed.lifecycle import Migration
 from reembed.messages import BatchMessage
 from reembed.progress import Progress, pump_lock_key, redis_errors
@@ -58,6 +58,8 @@ PUMP_LOCK_TTL_S = PUMP_FEED_S + 25
 
 #: Seconds a file feeder waits between two looks at the queue when it is full.
 FEED_POLL_S = 0.2
+#: How often a feeder waiting for room asks whether anything still works on the ingest.
+STALL_CHECK_S = 2.0
 #: How long a file feeder waits for an unreachable Redis before it gives up (exit 3).
 OUTAGE_S = 60.0
 
@@ -186,9 +188,13 @@ class Feeder:
         log.info("enqueueing finished", migration_id=record.id, alias=record.alias, phase=phase, batches=sent)
         return True
 
-    def feed_file(self, file: Path, lost_after_s: float, outage_s: float = OUTAGE_S) -> None:
+    def feed_file(self, file: Path, lost_after_s: float, outage_s: float = OUTAGE_S,
+                  stalled: Callable[[], str | None] | None = None) -> None:
         """An ingest's batches from its corpus file. Safe to call again after a crash (batches
         already sent are skipped); lost batches are sent again while it waits for room.
+
+        While it waits for room it stops feeding when the ingest failed or was cancelled, and
+        raises ``NoWorkerError`` when ``stalled`` says nothing works on it: never a silent hang.
 
         Redis may go away under it: it waits up to ``outage_s`` for Redis to answer again, and
         if Redis came back without this ingest's progress (restarted empty) it rebuilds the
@@ -200,7 +206,7 @@ class Feeder:
             try:
                 if not self.progress.exists():
                     self.migration.rebuild_progress(skipped_in_file(file))
-                self._feed_file(file, lost_after_s)
+                self._feed_file(file, lost_after_s, stalled)
                 return
             except _ProgressLost:
                 log.warning("progress lost while feeding; feeding the file again", migration_id=self.record.id)
@@ -224,17 +230,26 @@ class Feeder:
             return []
         return load
 
-    def _feed_file(self, file: Path, lost_after_s: float) -> None:
+    def _feed_file(self, file: Path, lost_after_s: float, stalled: Callable[[], str | None] | None) -> None:
         skipped = self.progress.skipped_ids()
         sent = int(self.progress.get().get("enqueued_batches", 0))
         count = 0
         load = self.from_file(file)
+        next_check = time.monotonic() + STALL_CHECK_S
         for index, (batch_id, batch) in enumerate(file_batches(file, self.record.batch_size, skipped)):
             count = index + 1
             if index < sent:  # sent before a crash
                 continue
             while self.room() <= 0:
                 self.resend_lost(lost_after_s, load)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + STALL_CHECK_S
+                    if self.migration.state() in (MigrationState.FAILED, MigrationState.CANCELLED):
+                        return  # whoever waits for it reports why
+                    reason = stalled() if stalled is not None else None
+                    if reason:
+                        raise NoWorkerError(f"{reason}; ingest {self.record.id} stays running with "
+                                            f"{index} of its batches sent (`reembed resume {self.record.id}`)")
                 time.sleep(FEED_POLL_S)
             if not self.progress.exists():
                 raise _ProgressLost

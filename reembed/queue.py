@@ -75,3 +75,41 @@ def client_app(settings: Settings) -> Celery:
     app = Celery("reembed-producer")
     app.conf.update(celery_config(settings))
     return app
+
+
+#: kombu's Redis transport keeps each delivered, unacknowledged message here (tag -> message)
+#: with its delivery time in the index: what a worker took and has not finished.
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+def in_flight(client: Any, visibility_timeout_s: int) -> tuple[int, float | None]:
+    """Messages taken by workers and not yet acknowledged, and the most seconds until one of them
+    comes back to its queue if its worker is gone (None when there are none)."""
+    entries = client.zrange(UNACKED_INDEX_KEY, 0, 0, withscores=True)
+    count = int(client.zcard(UNACKED_INDEX_KEY))
+    if not entries:
+        return count, None
+    import time
+
+    oldest = float(entries[0][1])
+    # The sweep runs every restore interval after the timeout: the worst case is both.
+    back_in = oldest + visibility_timeout_s + restore_interval_s(visibility_timeout_s) - time.time()
+    return count, max(back_in, 0.0)
+
+
+def restore_unacked_now(settings: Settings) -> int:
+    """Give every unacknowledged message back to its queue at once, with kombu's own restore.
+
+    Only correct when no consumer of this Redis is alive (the data folder's own Redis when its
+    workers are gone): a live worker's batch would run twice. Returns how many came back.
+    """
+    from kombu.connection import Connection
+
+    options = {**celery_config(settings)["broker_transport_options"], "visibility_timeout": 0}
+    with Connection(settings.redis_url, transport_options=options) as conn:  # type: ignore[no-untyped-call]
+        channel: Any = conn.default_channel
+        client = channel.client
+        before = int(client.zcard(UNACKED_INDEX_KEY))
+        if before:
+            channel.qos.restore_visible(start=0, num=before + 100, interval=1)
+        return before - int(client.zcard(UNACKED_INDEX_KEY))

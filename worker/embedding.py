@@ -8,6 +8,7 @@ every other document proceeds. Connection errors are *not* split: they propagate
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +20,15 @@ import redis
 import structlog
 
 from reembed.documents import provenance
-from reembed.errors import CollectionNotFoundError, RetryableError
+from reembed.errors import (
+    CollectionNotFoundError,
+    InputError,
+    MigrationStateError,
+    ModelError,
+    ReembedError,
+    RetryableError,
+    StoreError,
+)
 from reembed.lifecycle import Migration
 from reembed.messages import BatchMessage, Outbox
 from reembed.models import LoadedModel
@@ -134,14 +143,22 @@ def reembed_batch(
         migration.record_batch(batch_id, 0)
         return outcome
 
-    model = load(record.to_model)
-    model.require_fingerprint(record.to_fingerprint, f"migration {migration_id}")
-    if migration_id not in _probe_checked:  # every worker of a migration must embed the probe alike
-        progress.record_probe(model.probe, model.dimension)
-        recorded = progress.probe()
-        if recorded:
-            model.check_probe(recorded, f"migration {migration_id}")
-        _probe_checked.add(migration_id)
+    try:
+        model = load(record.to_model)
+        model.require_fingerprint(record.to_fingerprint, f"migration {migration_id}")
+        if migration_id not in _probe_checked:  # every worker of a migration must embed the probe alike
+            progress.record_probe(model.probe, model.dimension)
+            recorded = progress.probe()
+            if recorded:
+                model.check_probe(recorded, f"migration {migration_id}")
+            _probe_checked.add(migration_id)
+    except ModelError as exc:
+        # Retrying will not fix missing or broken weights, or another model's: stop the migration
+        # (resumable once the worker is fixed) rather than lose the batch or mix vectors.
+        with contextlib.suppress(MigrationStateError):
+            migration.fail(f"a worker cannot embed with {record.to_model!r}: {exc}")
+        outcome.dropped = f"migration failed: {exc}"
+        return outcome
 
     # The first delivery of a first-pass batch (its message says ``add``): the target has none of
     # these ids, and `add` is several times faster than `upsert`. A redelivery upserts.
@@ -155,6 +172,17 @@ def reembed_batch(
             outcome.dropped = "migration was cancelled"
             return outcome
         raise
+    except (InputError, StoreError) as exc:
+        if isinstance(exc, RetryableError):
+            raise
+        # Chroma refused the batch (validation catches what it knows Chroma refuses; this is the
+        # rest): the documents are recorded as failed with the reason, and the migration goes on.
+        with contextlib.suppress(ReembedError):
+            store.delete_ids(record.target_collection, ids)  # a chunk may have been written before
+        outcome.failed = dict.fromkeys(ids, f"Chroma refused the write: {exc}")
+        progress.record_failures(outcome.failed)
+        migration.record_batch(batch_id, 0)
+        return outcome
     tail = time.perf_counter()
     truncated = truncated_tokens(model, ids, message.documents)
     if truncated:

@@ -21,7 +21,8 @@ from typing import Any
 import chromadb
 import pytest
 
-from cli.services import ChromaServer, LocalStack, Workers
+from cli.services import ChromaServer, Workers
+from cli.stack import LocalStack
 from producer import ControlPlane, Writer
 from reembed.documents import Document, content_hash, user_metadata
 from reembed.errors import InputError, MigrationStateError
