@@ -118,7 +118,7 @@ class World:
                 if all(k == "pump" for k, _ in self.outbox.sent):
                     return
             self.deliver(kind, message)
-        raise AssertionError("messages kept coming: a loop")
+        raise AssertionError(f"messages kept coming: a loop; last {kind}: {message}; state {self.migration().state()}")
 
     def target(self) -> dict[str, tuple[str, dict[str, Any]]]:
         raw = self.store.collection(self.record.target_collection).get(include=["documents", "metadatas"])
@@ -353,3 +353,42 @@ def test_an_automatic_cutover_waits_for_the_producer_that_holds_the_alias(world:
         time.sleep(0.3)  # the workers finish while the producer still holds the alias
     finishing.join(timeout=30)
     assert migration.refresh().state == S.LIVE and migration.record.error is None
+
+
+def test_a_worker_with_other_weights_fails_the_migration_and_writes_nothing(world: World) -> None:
+    """Retrying cannot fix another model's (or broken) weights: the migration fails with the
+    reason, instead of the batch being lost and the wait hanging; once fixed, resume finishes."""
+    migration = start(world)
+    right = world.model
+    world.model = FakeModel("fake-b", "sha256:other-weights")
+    world.drain()
+    record = migration.refresh()
+    assert record.state == S.FAILED and "cannot embed with 'fake-b'" in (record.error or ""), record.error
+    assert world.target() == {}
+    world.model = right
+    migration.restart("resume")
+    world.drain()
+    assert migration.refresh().state == S.LIVE and len(world.target()) == 10
+
+
+def test_a_write_chroma_refuses_records_its_documents_as_failed_and_the_rest_goes_live(world: World) -> None:
+    """A fault injector in front of the real (in-memory) Chroma: the batch holding d4 is refused."""
+    from reembed.errors import InputError
+
+    real_add, real_upsert = world.store.add, world.store.upsert
+
+    def refusing(real: Any) -> Any:
+        def write(name: str, ids: list[str], *args: Any, **kwargs: Any) -> None:
+            if "d4" in ids:
+                raise InputError("Chroma rejected a write: metadata value out of range")
+            real(name, ids, *args, **kwargs)
+        return write
+
+    world.store.add = refusing(real_add)  # type: ignore[method-assign]
+    world.store.upsert = refusing(real_upsert)  # type: ignore[method-assign]
+    start(world)
+    world.drain()
+    failures = Progress(world.redis, world.record.id).failures(10)
+    assert "d4" in failures and "Chroma refused the write" in failures["d4"]
+    assert world.migration().refresh().state == S.LIVE
+    assert set(world.target()) == {f"d{i}" for i in range(10)} - set(failures)
