@@ -75,11 +75,22 @@ def check_text(doc_id: str, text: str, where: str) -> str:
     if len(text) > MAX_DOCUMENT_CHARS:
         raise InputError(f"{where}: document {doc_id!r} has {len(text):,} characters; the limit is "
                          f"{MAX_DOCUMENT_CHARS:,} (split it into several documents)")
+    _check_utf8(doc_id, doc_id, where, "id")
+    _check_utf8(doc_id, text, where, "text")
     found = _CONTROL.search(text)
     if found:
         raise InputError(f"{where}: document {doc_id!r} contains control character U+{ord(found.group()):04X} at "
                          f"position {found.start()}; remove control characters (tab, newline and CR are fine)")
     return text
+
+
+def _check_utf8(doc_id: str, value: str, where: str, what: str) -> None:
+    """A lone surrogate (``"\\ud800"`` in JSON) is valid Python but not UTF-8: Chroma refuses it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where}: document {doc_id!r} {what} has an invalid character at position {exc.start} "
+                         "(a lone UTF-16 surrogate); fix the export that wrote it") from exc
 
 
 def check_metadata(doc_id: str, metadata: Any, where: str) -> dict[str, Any]:
@@ -104,6 +115,8 @@ def check_metadata(doc_id: str, metadata: Any, where: str) -> dict[str, Any]:
                 f"{where}: document {doc_id!r} metadata {key!r} is {type(value).__name__}; Chroma stores only "
                 "str, int, float and bool values (flatten it or encode it as a string)"
             )
+        if isinstance(value, str):
+            _check_utf8(doc_id, value, where, f"metadata {key!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{where}: document {doc_id!r} metadata {key!r} is {value}; Chroma stores only finite "
                              "numbers (drop the key, or store it as a string)")

@@ -132,9 +132,12 @@ class Migration:
         ingest is fed again from its file by the caller (``Feeder.feed_file``).
         """
         had_progress = self.progress.exists()
+        was = self.registry.get_migration(self.id).state
         self._become(S.RUNNING, error=None, **changes)  # refused (and nothing written) from a final state
         if not had_progress:
             self.progress.init(self.record.total, S.RUNNING.value)
+        elif was == S.FAILED:  # its workers dropped what they held: send it again now
+            self.progress.expire_in_flight()
         log.info("migration restarted", migration_id=self.id, alias=self.record.alias, reason=reason,
                  progress_rebuilt=not had_progress)
         if self.record.kind == "ingest":

@@ -181,6 +181,16 @@ class Progress:
             self.r.hset(inflight_key(self.id), mapping={
                 b: json.dumps({"ids": ids, "at": now}) for b, ids in batch_ids.items()})
 
+    def expire_in_flight(self) -> int:
+        """Count every unfinished batch as lost now: a failed migration's workers dropped them, so
+        waiting out the usual redelivery would stall its resume. Returns how many."""
+        with redis_errors("marking batches in flight as lost"):
+            entries = self.r.hgetall(inflight_key(self.id))
+            if entries:
+                self.r.hset(inflight_key(self.id), mapping={
+                    b: json.dumps({**json.loads(raw), "at": 0}) for b, raw in entries.items()})
+        return len(entries)
+
     def lost_batches(self, older_than_s: float) -> dict[str, list[str]]:
         """Batches sent more than ``older_than_s`` ago and never finished: their message was lost
         (a broker that died with it, a retry that could not be published) or is stuck."""

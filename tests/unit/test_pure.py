@@ -137,6 +137,11 @@ def test_text_and_metadata_checks_name_the_document_and_the_fix() -> None:
             check_text("doc-1", bad, "f:1")
     for meta, needle in (({"": 1}, "reserved or empty"), ({"chroma:document": "x"}, "reserved"),
                          ({"content_hash": "x"}, "reserved"), ({"k": None}, "NoneType"),
-                         ({"k": {"nested": 1}}, "dict"), ({"k": [1, 2]}, "list")):
+                         ({"k": {"nested": 1}}, "dict"), ({"k": [1, 2]}, "list"),
+                         ({"k": float("nan")}, "finite"), ({"k": float("-inf")}, "finite"),
+                         ({"k": 2**63}, "64-bit"), ({"k": -(2**63) - 1}, "64-bit"), ({"k": "a\ud800"}, "surrogate")):
         with pytest.raises(InputError, match=needle):
             check_metadata("doc-1", meta, "f:1")
+    assert check_metadata("d", {"k": 2**63 - 1, "b": True, "f": 1.5}, "f:1") == {"k": 2**63 - 1, "b": True, "f": 1.5}
+    with pytest.raises(InputError, match="surrogate"):
+        check_text("doc-1", "lone \udc80 surrogate", "f:1")
