@@ -96,7 +96,11 @@ def stack(settings: Settings, workers: int | None, needs_workers: bool = False) 
 
 def wait_and_report(local: LocalStack, cp: Any, migration_id: str, as_json: bool) -> dict[str, Any]:
     """Wait for a migration (failing within seconds if nothing works on it), then say on stderr,
-    in one line, what went wrong: the migration's error, or its failed documents."""
+    in one line, what went wrong: the migration's error, or its failed documents. On shared
+    services, where workers may be scaled from zero, a missing worker is said, not fatal."""
+    if not local.embedded and local.workers is None and not cp.outbox.workers(patience_s=3):
+        click.echo("reembed: no worker answers on REEMBED_REDIS_URL yet; the migration waits in the queue "
+                   "until one runs (`reembed worker`)", err=True)
     cp.wait(migration_id, on_progress=None if as_json else progress_line, stalled=local.no_worker)
     click.echo("", err=True)
     status: dict[str, Any] = cp.status(migration_id)

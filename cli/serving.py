@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
         with stack(settings, 0) as local:
             if not settings.chroma_url:
                 click.echo(f"reembed: serving the local Chroma at {local.settings.chroma_url}", err=True)
+            # uvicorn shuts down gracefully on SIGINT and SIGTERM only: a hang-up becomes a SIGTERM.
+            signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
             uvicorn.run(create_app(local.settings), host=host, port=port, log_config=None,
                         log_level=settings.log_level.lower())
     run_guarded(run)

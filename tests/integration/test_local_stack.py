@@ -328,3 +328,60 @@ def test_up_keeps_the_stack_running_and_down_stops_it(folder: Folder, tmp_path: 
     assert down["stopped"] == ["chroma", "control", "redis", "workers"], down
     folder.assert_nothing_left()
     assert folder.ok("down")["stopped"] == []
+
+
+def test_on_shared_services_a_wait_without_workers_says_so_and_goes_on(
+        settings: Any, control: Any, start_workers: Any, tmp_path: Path) -> None:
+    """Shared Redis and Chroma: workers may be scaled from zero on the queue's length, so a
+    `--wait` with none running says so at once on stderr and finishes when one starts."""
+    from reembed.registry import MigrationState
+
+    first = start_workers(1)
+    record = control.ingest("shared", scifact(tmp_path, 60), str(need(M2V_MINILM)), batch_size=20)
+    assert control.wait(record.id, timeout=120).state == MigrationState.LIVE
+    first.stop()
+    env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": "1"}
+    waiting = subprocess.Popen([sys.executable, "-m", "cli.main", "migrate", "shared", "--to", str(need(M2V_MPNET)),
+                                "--wait", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert waiting.stderr is not None
+    said = ""
+    deadline = time.monotonic() + 60
+    while "no worker answers" not in said and time.monotonic() < deadline:
+        said += waiting.stderr.readline()
+    assert "no worker answers on REEMBED_REDIS_URL" in said, said
+    start_workers(1)
+    out, err = waiting.communicate(timeout=COMMAND_S)
+    assert waiting.returncode == 0, err[-2000:]
+    assert json.loads(out)["state"] == "live"
+
+
+@pytest.mark.parametrize(("command", "how"), [("serve", signal.SIGHUP), ("serve", signal.SIGKILL),
+                                               ("ingest", signal.SIGKILL)])
+def test_every_long_command_leaves_nothing_behind(folder: Folder, tmp_path: Path, command: str,
+                                                  how: signal.Signals) -> None:
+    """SIGHUP stops what the command started; after a SIGKILL the next command takes the orphans
+    over (one line) and stops them when it ends. Never a second server."""
+    if command == "serve":
+        folder.ok("ingest", "docs", str(scifact(tmp_path, 20)), "--model", str(need(M2V_MINILM)))
+        port = free_port()
+        proc = folder.start("serve", "--port", str(port))
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), "serve answers", 60)
+    else:
+        proc = folder.start("ingest", "docs", str(scifact(tmp_path, 1500)), "--model", str(need(M2V_MINILM)),
+                            "--batch-size", "4")
+        wait_until(lambda: _latest(folder), "the ingest starts")
+    before = folder.processes()
+    folder.census()
+    proc.send_signal(how)
+    code = proc.wait(timeout=90)
+    if how == signal.SIGKILL:
+        assert folder.processes()["redis"] == before["redis"]
+        after = folder.run("status", "--json")
+        assert after.returncode == 0 and "left running" in after.stderr and f"pid {proc.pid}" in after.stderr, \
+            after.stderr
+    else:  # uvicorn turns the signal into its graceful shutdown (and may raise SIGTERM again after it)
+        allowed = {128 + how} | ({0, 128 + signal.SIGTERM} if command == "serve" else set())
+        assert code in allowed, proc.communicate()[1][-2000:]
+    folder.end_census()
+    folder.assert_one_of_each()
+    folder.assert_nothing_left()
