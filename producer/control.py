@@ -64,7 +64,7 @@ class ControlPlane:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings.chroma_url)
+        self.store = Store.from_settings(settings)
         self.registry = Registry(self.store)
         self.redis = redis_client(settings.redis_url)
         self.outbox = Outbox(client_app(settings))

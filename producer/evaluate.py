@@ -44,7 +44,7 @@ EMBED_TIMEOUT_S = 600
 class Evaluator:
     def __init__(self, settings: Settings, on_workers: bool = False) -> None:
         self.settings = settings
-        self.store = Store(settings.chroma_url)
+        self.store = Store.from_settings(settings)
         self.registry = Registry(self.store)
         self.on_workers = on_workers
 

@@ -36,7 +36,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     """Every figure by name (the CLI prints them; ``--json`` gives this dict)."""
     if workers < 1 or sample < 1:
         raise InputError("--workers and --sample must be at least 1")
-    store = Store(settings.chroma_url)
+    store = Store.from_settings(settings)
     registry = Registry(store)
     current = registry.get_alias(alias)
     live = registry.get_collection(current.live_collection)

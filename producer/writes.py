@@ -41,7 +41,7 @@ class Writer:
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
-        self.store = store or Store(settings.chroma_url)
+        self.store = store or Store.from_settings(settings)
         self.registry = Registry(self.store)
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
 

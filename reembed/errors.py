@@ -12,6 +12,7 @@
     ├── StoreError                  Chroma
     │   ├── CollectionNotFoundError
     │   ├── CollectionExistsError
+    │   ├── StoreAuthError          Chroma (or its proxy) refused the credentials: 401/403
     │   └── StoreUnavailableError   (also RetryableError)
     ├── QueueUnavailableError       Redis (also RetryableError)
     ├── AliasNotFoundError
@@ -86,6 +87,10 @@ class CollectionNotFoundError(StoreError):
 
 class CollectionExistsError(StoreError):
     """The named Chroma collection already exists."""
+
+
+class StoreAuthError(StoreError):
+    """Chroma, or the proxy in front of it, refused the credentials (HTTP 401 or 403)."""
 
 
 class StoreUnavailableError(StoreError, RetryableError):

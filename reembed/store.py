@@ -7,9 +7,10 @@ workers can tell "retry me" (server unreachable) from "never retry" (bad input).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -19,9 +20,13 @@ from reembed.errors import (
     CollectionNotFoundError,
     ConfigError,
     InputError,
+    StoreAuthError,
     StoreError,
     StoreUnavailableError,
 )
+
+if TYPE_CHECKING:
+    from reembed.settings import Settings
 
 #: Page size when reading a collection: Chroma answers 1,000-document pages in a few ms.
 PAGE_SIZE = 1000
@@ -55,27 +60,99 @@ def mapped_errors(what: str) -> Iterator[None]:
     except (cerr.InvalidArgumentError, cerr.DuplicateIDError, ValueError, TypeError) as exc:
         if "Could not connect" in str(exc):
             raise StoreUnavailableError(f"Chroma is unreachable during {what}: {exc}") from exc
+        status = refused_credentials(str(exc))
+        if status:
+            raise StoreAuthError(f"Chroma (or its proxy) refused the credentials during {what} (HTTP {status}); "
+                                 "check REEMBED_CHROMA_HEADERS") from exc
         raise InputError(f"Chroma rejected {what}: {exc}") from exc
     except cerr.ChromaError as exc:
         raise StoreError(f"Chroma failed during {what}: {exc}") from exc
+    except Exception as exc:  # chromadb passes a proxy's error page on as a bare Exception
+        page = _SERVER_ERROR.search(str(exc))
+        if page:
+            raise StoreUnavailableError(f"Chroma (or its proxy) answered HTTP {page.group(1)} during {what}; "
+                                        "retrying") from exc
+        raise
+
+
+#: A proxy's or Chroma's own refusal of the credentials, as chromadb passes it on (the body of the answer).
+_REFUSED = re.compile(r"\b(401|403)\b.{0,80}(Unauthori[sz]ed|Authori[sz]ation Required|Forbidden)"
+                      r"|(Unauthori[sz]ed|Forbidden).{0,80}\b(401|403)\b", re.IGNORECASE | re.DOTALL)
+
+
+#: A server error page (a proxy's 502 while Chroma restarts, a 500): worth retrying.
+_SERVER_ERROR = re.compile(r"\b(5\d\d)\b\s*(Internal Server Error|Bad Gateway|Service (Temporarily )?Unavailable"
+                           r"|Gateway Time-?out)", re.IGNORECASE)
+
+
+def refused_credentials(text: str) -> int | None:
+    """The HTTP status (401 or 403) when ``text`` is a refusal of the credentials, else None."""
+    found = _REFUSED.search(text)
+    if not found:
+        return None
+    return int(next(g for g in found.groups() if g in ("401", "403")))
 
 
 class Store:
-    """A Chroma server, addressed by URL, with the few operations reembed needs."""
+    """A Chroma server, addressed by URL, with the few operations reembed needs.
 
-    def __init__(self, url: str) -> None:
+    ``headers`` (a token for a proxy or Chroma Cloud), ``tenant``, ``database`` and
+    ``ssl_verify`` (True, False or a CA bundle's path) come from the settings
+    (:meth:`from_settings`). Connecting checks them once and says which is wrong.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, tenant: str = "default_tenant",
+                 database: str = "default_database", ssl_verify: bool | str = True) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"REEMBED_CHROMA_URL={url!r} is not an http(s) URL such as http://127.0.0.1:8000")
         import chromadb
+        import chromadb.errors as cerr
+        from chromadb.config import Settings as ChromaSettings
 
         self.url = url
-        with mapped_errors(f"connecting to {url}"):
-            self.client = chromadb.HttpClient(
-                host=parsed.hostname,
-                port=parsed.port or (443 if parsed.scheme == "https" else 80),
-                ssl=parsed.scheme == "https",
-            )
+        self._check_credentials(headers or {}, ssl_verify)
+        try:
+            with mapped_errors(f"connecting to {url}"):
+                self.client = chromadb.HttpClient(
+                    host=parsed.hostname,
+                    port=parsed.port or (443 if parsed.scheme == "https" else 80),
+                    ssl=parsed.scheme == "https", headers=headers or None, tenant=tenant, database=database,
+                    # chromadb shares one client per server and refuses a second with other settings:
+                    # the defaults stay the defaults, so plain clients in the same process still work.
+                    settings=None if ssl_verify is True else ChromaSettings(chroma_server_ssl_verify=ssl_verify),
+                )
+        except CollectionNotFoundError as exc:  # chromadb's NotFoundError: the tenant or the database
+            cause = exc.__cause__
+            which = "tenant" if isinstance(cause, cerr.NotFoundError) and "Tenant" in str(cause) else "database"
+            name = tenant if which == "tenant" else database
+            raise ConfigError(f"Chroma at {url} has no {which} {name!r}: create it, or fix "
+                              f"REEMBED_CHROMA_{which.upper()}") from exc
+
+    @classmethod
+    def from_settings(cls, settings: Settings, url: str | None = None) -> Store:
+        """The store every process uses: the settings' Chroma URL (or ``url``) and credentials."""
+        verify: bool | str = {"true": True, "false": False}.get(settings.chroma_ssl_verify, settings.chroma_ssl_verify)
+        return cls(url or settings.chroma_url, dict(settings.chroma_headers), settings.chroma_tenant,
+                   settings.chroma_database, verify)
+
+    def _check_credentials(self, headers: dict[str, str], ssl_verify: bool | str) -> None:
+        """One request before chromadb's client: it reports a refused token as an HTML page and an
+        untrusted certificate as "could not connect"; this says which, in one line."""
+        import httpx
+
+        try:
+            answer = httpx.get(f"{self.url}/api/v2/heartbeat", headers=headers, verify=ssl_verify, timeout=10)
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+                raise ConfigError(f"the TLS certificate of Chroma at {self.url} is not trusted; set "
+                                  "REEMBED_CHROMA_SSL_VERIFY to the CA bundle (PEM) that signed it") from exc
+            raise StoreUnavailableError(f"Chroma is unreachable at {self.url}: {exc}; is the server running?") from exc
+        except httpx.TransportError as exc:
+            raise StoreUnavailableError(f"Chroma is unreachable at {self.url}: {exc}; is the server running?") from exc
+        if answer.status_code in (401, 403):
+            raise StoreAuthError(f"Chroma at {self.url} (or its proxy) refused the credentials (HTTP "
+                                 f"{answer.status_code}); set REEMBED_CHROMA_HEADERS to the token it expects")
 
     @classmethod
     def from_client(cls, client: Any, url: str = "in-process") -> Store:

@@ -12,6 +12,13 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  # The secured-Chroma tests put a real reverse proxy (TLS + bearer token) in front of `chroma run`.
+  echo "test: installing nginx (Debian's nginx-light)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends nginx-light >/dev/null 2>&1 \
+    || { apt-get update >/dev/null && apt-get install -y --no-install-recommends nginx-light >/dev/null; }
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Static types first (strict, exceptions named in pyproject.toml): seconds, and a type error fails the run.
 .venv/bin/python -m mypy

@@ -214,4 +214,4 @@ def _build_and_publish(store_url: str, root: str, collection: str, signature: In
     from reembed.settings import Settings
 
     configure_logging(Settings.from_env())  # the parent's REEMBED_* environment: same log format
-    IndexManager(Path(root), Store(store_url)).rebuild(collection, signature)
+    IndexManager(Path(root), Store.from_settings(Settings.from_env(), store_url)).rebuild(collection, signature)

@@ -20,7 +20,7 @@ def settings() -> Settings:
 
 @functools.cache
 def store() -> Store:
-    return Store(settings().chroma_url)
+    return Store.from_settings(settings())
 
 
 @functools.cache

@@ -27,6 +27,7 @@ from reembed.errors import (
     ModelError,
     ReembedError,
     RetryableError,
+    StoreAuthError,
     StoreError,
 )
 from reembed.lifecycle import Migration
@@ -173,8 +174,8 @@ def reembed_batch(
             return outcome
         raise
     except (InputError, StoreError) as exc:
-        if isinstance(exc, RetryableError):
-            raise
+        if isinstance(exc, (RetryableError, StoreAuthError)):
+            raise  # not the documents' fault: the task retries (a token fixed meanwhile, a server back)
         # Chroma refused the batch (validation catches what it knows Chroma refuses; this is the
         # rest): the documents are recorded as failed with the reason, and the migration goes on.
         with contextlib.suppress(ReembedError):

@@ -13,7 +13,7 @@ import structlog
 from celery import Task
 
 from reembed import pipeline
-from reembed.errors import RetryableError
+from reembed.errors import RetryableError, StoreAuthError
 from reembed.lifecycle import Migration
 from reembed.messages import (
     BatchMessage,
@@ -68,7 +68,7 @@ def batch_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         )
     except PausedError as exc:
         raise self.retry(exc=exc, countdown=PAUSED_RETRY_S, max_retries=None) from None
-    except RetryableError as exc:
+    except (RetryableError, StoreAuthError) as exc:
         log.warning("batch will be retried", error=str(exc), attempt=self.request.retries + 1)
         context.reset()
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from None
