@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 import structlog
@@ -23,7 +23,7 @@ from reembed.errors import (
 )
 from reembed.lifecycle import Migration, unfinished
 from reembed.messages import Outbox
-from reembed.models import ModelSpec, fingerprint, resolve_model
+from reembed.models import ModelSpec, fingerprint, recorded_name, resolve_model
 from reembed.progress import alias_lock
 from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
@@ -149,10 +149,19 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
 
 def _create_target(store: Store, registry: Registry, record: MigrationRecord, spec: ModelSpec,
                    origin: Literal["ingest", "migration"]) -> None:
-    store.create(record.target_collection, metadata={
-        "reembed_model": spec.name, "reembed_fingerprint": record.to_fingerprint,
-        "reembed_migration": record.id, "reembed_alias": record.alias,
-    })
+    """The target mirrors its source (distance space, HNSW settings, the user's collection
+    metadata) and records the new model as its embedding function, so that applications reading
+    Chroma directly embed their queries with the right model."""
+    metadata: dict[str, Any] = {}
+    hnsw: dict[str, Any] | None = None
+    if record.source_collection:
+        metadata = {k: v for k, v in (store.metadata(record.source_collection) or {}).items()
+                    if not k.startswith(("reembed_", "hnsw:"))}
+        hnsw = store.configuration(record.source_collection).get("hnsw") or None
+    metadata.update({"reembed_model": spec.name, "reembed_fingerprint": record.to_fingerprint,
+                     "reembed_migration": record.id, "reembed_alias": record.alias})
+    store.create(record.target_collection, metadata=metadata, hnsw=hnsw, model_name=recorded_name(spec),
+                 normalize=spec.normalize)
     registry.put_collection(CollectionRecord(
         name=record.target_collection, model=spec.name, fingerprint=record.to_fingerprint,
         dimension=spec.dimension, origin=origin, migration_id=record.id,

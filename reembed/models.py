@@ -128,6 +128,12 @@ def resolve_model(name: str) -> ModelSpec:
     )
 
 
+def recorded_name(spec: ModelSpec) -> str:
+    """The model name Chroma's ``SentenceTransformerEmbeddingFunction`` needs to load this model:
+    its hub id for a known model, its directory for a local one (both resolve back here)."""
+    return spec.aliases[0] if spec.aliases else (spec.path or spec.name)
+
+
 def _dimension_of_dir(path: Path) -> int | None:
     """Read the output dimension from a saved model's config without loading it."""
     for candidate, key in (("1_Pooling/config.json", "word_embedding_dimension"), ("config.json", "hidden_dim")):

@@ -93,6 +93,43 @@ def refused_credentials(text: str) -> int | None:
     return int(next(g for g in found.groups() if g in ("401", "403")))
 
 
+#: The HNSW settings a collection can be created with (Chroma 1.x ``CreateHNSWConfiguration``).
+HNSW_KEYS = ("space", "ef_construction", "ef_search", "max_neighbors", "num_threads", "batch_size",
+             "sync_threshold", "resize_factor")
+
+
+class RecordedSentenceTransformer:
+    """What Chroma persists of a ``SentenceTransformerEmbeddingFunction`` (its name and config),
+    without loading the model: reembed embeds in its workers, a plain client reading the
+    collection builds Chroma's own embedding function from this record."""
+
+    def __init__(self, model_name: str, normalize: bool = True) -> None:
+        self.model_name, self.normalize = model_name, normalize
+
+    def __call__(self, input: Any) -> Any:  # noqa: A002 (Chroma's signature)
+        raise NotImplementedError("reembed embeds in its workers; this only records the model")
+
+    @staticmethod
+    def name() -> str:
+        return "sentence_transformer"
+
+    def get_config(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "device": "cpu", "normalize_embeddings": self.normalize, "kwargs": {}}
+
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> RecordedSentenceTransformer:
+        return RecordedSentenceTransformer(config["model_name"], bool(config.get("normalize_embeddings", True)))
+
+    def is_legacy(self) -> bool:
+        return False
+
+    def default_space(self) -> str:
+        return "cosine"
+
+    def supported_spaces(self) -> list[str]:
+        return ["cosine", "l2", "ip"]
+
+
 class Store:
     """A Chroma server, addressed by URL, with the few operations reembed needs.
 
@@ -178,19 +215,36 @@ class Store:
             return False
         return True
 
-    def create(self, name: str, metadata: dict[str, Any]) -> Any:
-        """Create a cosine-space collection that holds vectors we provide (no embedding function)."""
+    def create(self, name: str, metadata: dict[str, Any], hnsw: dict[str, Any] | None = None,
+               model_name: str | None = None, normalize: bool = True) -> Any:
+        """Create a collection for vectors we provide: ``hnsw`` settings (default: cosine space),
+        and, when ``model_name`` is given, that sentence-transformers model recorded as its
+        embedding function the way Chroma's own ``SentenceTransformerEmbeddingFunction`` records
+        it, so that a plain Chroma client embeds queries with the right model."""
         if self.exists(name):
             raise CollectionExistsError(f"collection {name!r} already exists; pick another name or delete it first")
-        with mapped_errors(f"creating collection {name!r}"):
-            return self.client.create_collection(
-                name, metadata=metadata, embedding_function=None,
-                configuration={"hnsw": {"space": "cosine"}},
-            )
+        configuration: dict[str, Any] = {"hnsw": {k: v for k, v in (hnsw or {"space": "cosine"}).items()
+                                                  if k in HNSW_KEYS and v is not None}}
+        if model_name:
+            configuration["embedding_function"] = RecordedSentenceTransformer(model_name, normalize)
+        from chromadb.utils import embedding_functions as known
+
+        registered = known.known_embedding_functions.get(RecordedSentenceTransformer.name())
+        try:
+            with mapped_errors(f"creating collection {name!r}"):
+                return self.client.create_collection(name, metadata=metadata, embedding_function=None,
+                                                     configuration=configuration)  # type: ignore[arg-type]
+        finally:  # chromadb registered our stand-in under Chroma's own name: put Chroma's back
+            if registered is not None:
+                known.known_embedding_functions[RecordedSentenceTransformer.name()] = registered
 
     def delete(self, name: str) -> None:
         with mapped_errors(f"deleting collection {name!r}"):
             self.client.delete_collection(name)
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """The collection's own metadata (not its documents')."""
+        return dict(self.collection(name).metadata or {})
 
     def configuration(self, name: str) -> dict[str, Any]:
         """The collection's persisted configuration (embedding function name and config, space)."""

@@ -1,0 +1,74 @@
+"""Applications that read Chroma directly: after a migration, the live collection is an ordinary
+Chroma collection that embeds queries with the right model, in the source's own space."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import chromadb
+from chromadb.utils.embedding_functions import SentenceTransformerEmbeddingFunction
+import pytest
+
+from cli.services import ChromaServer, Workers
+from producer import ControlPlane
+from reembed.registry import MigrationState
+from reembed.settings import Settings
+from search.searcher import Searcher
+from tests.conftest import M2V_MINILM, M2V_MPNET, SCIFACT, need
+
+pytestmark = pytest.mark.integration
+
+READER = """
+import json, sys
+import chromadb
+host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+queries = json.loads(sys.stdin.read())
+collection = chromadb.HttpClient(host=host, port=port).get_collection(name)  # its persisted embedding function
+ids = collection.query(query_texts=queries, n_results=10)["ids"]
+assert "reembed" not in sys.modules
+print(json.dumps(ids))
+"""
+
+
+def test_the_target_mirrors_the_source_and_a_plain_client_gets_the_same_answers(
+        settings: Settings, chroma: ChromaServer, control: ControlPlane, start_workers: Callable[..., Workers],
+        tmp_path: Path) -> None:
+    port = int(chroma.url.rsplit(":", 1)[1])
+    client = chromadb.HttpClient(host="127.0.0.1", port=port)
+    # A collection made the way an application makes one: l2 space, its own HNSW settings, metadata
+    # and Chroma's SentenceTransformerEmbeddingFunction.
+    embed = SentenceTransformerEmbeddingFunction(model_name=str(need(M2V_MINILM)), normalize_embeddings=True)
+    source = client.create_collection(
+        "app-docs", metadata={"team": "search", "lang": "en"}, embedding_function=embed,  # type: ignore[arg-type]
+        configuration={"hnsw": {"space": "l2", "ef_construction": 150, "max_neighbors": 24}})
+    with open(need(SCIFACT) / "corpus.jsonl") as src:
+        rows = [json.loads(line) for _, line in zip(range(300), src, strict=False)]
+    source.add(ids=[r["_id"] for r in rows], documents=[f"{r['title']} {r['text']}" for r in rows],
+               metadatas=[{"n": i} for i in range(len(rows))])
+
+    start_workers(1)
+    control.adopt("app", "app-docs", timeout=120)
+    record = control.migrate("app", str(need(M2V_MPNET)), batch_size=50)
+    assert control.wait(record.id, timeout=300).state == MigrationState.LIVE
+    live = control.registry.get_alias("app").live_collection
+    assert live == record.target_collection
+
+    target = client.get_collection(live)
+    hnsw = target.configuration_json["hnsw"]
+    assert (hnsw["space"], hnsw["ef_construction"], hnsw["max_neighbors"]) == ("l2", 150, 24)
+    assert {"team": "search", "lang": "en"}.items() <= (target.metadata or {}).items()
+    function = target.configuration_json["embedding_function"]
+    assert function["name"] == "sentence_transformer"
+    assert function["config"]["model_name"] == str(need(M2V_MPNET).resolve())
+
+    with open(need(SCIFACT) / "queries.jsonl") as src:
+        queries = [json.loads(line)["text"] for _, line in zip(range(20), src, strict=False)]
+    ours = [[hit.id for hit in Searcher(settings).search("app", q, k=10, mode="semantic").results] for q in queries]
+    theirs = subprocess.run([sys.executable, "-c", READER, "127.0.0.1", str(port), live], input=json.dumps(queries),
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert theirs.returncode == 0, theirs.stderr[-2000:]
+    assert json.loads(theirs.stdout) == ours
