@@ -78,6 +78,15 @@ class Service:
         _children[process.pid] = process
         return cls(process.pid, psutil.Process(process.pid).create_time(), url, concurrency)
 
+    def _group(self) -> list[psutil.Process]:
+        """The processes of its group started since it was: never a stranger that got a reused pid."""
+        members = []
+        for proc in psutil.process_iter(["create_time"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getpgid(proc.pid) == self.pid and proc.info["create_time"] >= self.started - 0.5:
+                    members.append(proc)
+        return members
+
     def alive(self) -> bool:
         try:
             proc = psutil.Process(self.pid)
@@ -92,7 +101,7 @@ class Service:
                 os.kill(self.pid, signal.SIGTERM)
 
     def stop(self, wait_s: float = STOP_WAIT_S) -> None:
-        """SIGTERM, wait, then SIGKILL what is left of its process group."""
+        """SIGTERM, wait, then SIGKILL what is left of its process group (a worker's pool)."""
         child = _children.pop(self.pid, None)
         if self.alive():
             self.terminate()
@@ -101,8 +110,9 @@ class Service:
                 if child is not None and child.poll() is not None:
                     break
                 time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # the group: a worker's pool processes too
+        for member in self._group():
+            with contextlib.suppress(psutil.Error):
+                member.kill()
         if child is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=5)

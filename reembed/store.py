@@ -98,36 +98,47 @@ HNSW_KEYS = ("space", "ef_construction", "ef_search", "max_neighbors", "num_thre
              "sync_threshold", "resize_factor")
 
 
-class RecordedSentenceTransformer:
-    """What Chroma persists of a ``SentenceTransformerEmbeddingFunction`` (its name and config),
-    without loading the model: reembed embeds in its workers, a plain client reading the
-    collection builds Chroma's own embedding function from this record."""
+def lazy_sentence_transformer() -> type:
+    """Chroma's ``SentenceTransformerEmbeddingFunction``, loading its model on first use.
 
-    def __init__(self, model_name: str, normalize: bool = True) -> None:
-        self.model_name, self.normalize = model_name, normalize
+    chromadb rebuilds a collection's recorded embedding function whenever it reads the
+    collection (every ``get_collection``): with Chroma's own class that loads the model (seconds,
+    hundreds of MB, or a hub download) in processes that embed with their own copy anyway.
+    Registered under Chroma's name when a ``Store`` is made, so reading is cheap; it records
+    itself exactly as Chroma's class does, and embeds the same when called.
+    """
+    from chromadb.utils.embedding_functions import known_embedding_functions
+    from chromadb.utils.embedding_functions.sentence_transformer_embedding_function import (
+        SentenceTransformerEmbeddingFunction,
+    )
 
-    def __call__(self, input: Any) -> Any:  # noqa: A002 (Chroma's signature)
-        raise NotImplementedError("reembed embeds in its workers; this only records the model")
+    current = known_embedding_functions.get("sentence_transformer")
+    if current is not None and getattr(current, "lazy", False):
+        return current
 
-    @staticmethod
-    def name() -> str:
-        return "sentence_transformer"
+    class LazySentenceTransformer(SentenceTransformerEmbeddingFunction):
+        lazy = True
 
-    def get_config(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "device": "cpu", "normalize_embeddings": self.normalize, "kwargs": {}}
+        def __init__(self, model_name: str = "all-MiniLM-L6-v2", device: str = "cpu",
+                     normalize_embeddings: bool = False, **kwargs: Any) -> None:
+            self.model_name, self.device, self.normalize_embeddings, self.kwargs = (
+                model_name, device, normalize_embeddings, kwargs)
 
-    @staticmethod
-    def build_from_config(config: dict[str, Any]) -> RecordedSentenceTransformer:
-        return RecordedSentenceTransformer(config["model_name"], bool(config.get("normalize_embeddings", True)))
+        @property
+        def _model(self) -> Any:  # what Chroma's __call__ uses
+            if self.model_name not in self.models:
+                from sentence_transformers import SentenceTransformer
 
-    def is_legacy(self) -> bool:
-        return False
+                self.models[self.model_name] = SentenceTransformer(self.model_name, device=self.device, **self.kwargs)
+            return self.models[self.model_name]
 
-    def default_space(self) -> str:
-        return "cosine"
+        @staticmethod
+        def build_from_config(config: dict[str, Any]) -> LazySentenceTransformer:
+            return LazySentenceTransformer(config["model_name"], config.get("device") or "cpu",
+                                           bool(config.get("normalize_embeddings")), **(config.get("kwargs") or {}))
 
-    def supported_spaces(self) -> list[str]:
-        return ["cosine", "l2", "ip"]
+    known_embedding_functions["sentence_transformer"] = LazySentenceTransformer
+    return LazySentenceTransformer
 
 
 class Store:
@@ -148,6 +159,7 @@ class Store:
         from chromadb.config import Settings as ChromaSettings
 
         self.url = url
+        lazy_sentence_transformer()
         self._check_credentials(headers or {}, ssl_verify)
         try:
             with mapped_errors(f"connecting to {url}"):
@@ -196,6 +208,7 @@ class Store:
         """A store over an already built chromadb client (tests use Chroma in process)."""
         store = cls.__new__(cls)
         store.url, store.client = url, client
+        lazy_sentence_transformer()
         return store
 
     def collection(self, name: str) -> Any:
@@ -226,17 +239,10 @@ class Store:
         configuration: dict[str, Any] = {"hnsw": {k: v for k, v in (hnsw or {"space": "cosine"}).items()
                                                   if k in HNSW_KEYS and v is not None}}
         if model_name:
-            configuration["embedding_function"] = RecordedSentenceTransformer(model_name, normalize)
-        from chromadb.utils import embedding_functions as known
-
-        registered = known.known_embedding_functions.get(RecordedSentenceTransformer.name())
-        try:
-            with mapped_errors(f"creating collection {name!r}"):
-                return self.client.create_collection(name, metadata=metadata, embedding_function=None,
-                                                     configuration=configuration)  # type: ignore[arg-type]
-        finally:  # chromadb registered our stand-in under Chroma's own name: put Chroma's back
-            if registered is not None:
-                known.known_embedding_functions[RecordedSentenceTransformer.name()] = registered
+            configuration["embedding_function"] = lazy_sentence_transformer()(model_name, "cpu", normalize)
+        with mapped_errors(f"creating collection {name!r}"):
+            return self.client.create_collection(name, metadata=metadata, embedding_function=None,
+                                                 configuration=configuration)  # type: ignore[arg-type]
 
     def delete(self, name: str) -> None:
         with mapped_errors(f"deleting collection {name!r}"):
