@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reembed.errors import (
@@ -57,6 +57,10 @@ QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_
 
 
 class SearchRequest(BaseModel):
+    # A field this API does not know is refused (422), never ignored: a client that sends a filter
+    # the service does not apply must not get unfiltered hits back as if it had.
+    model_config = ConfigDict(extra="forbid")
+
     alias: str = Field(min_length=1, max_length=512)
     q: QueryText | Annotated[list[QueryText], Field(min_length=1, max_length=MAX_BATCH_QUERIES)] = Field(
         description=f"one query, or up to {MAX_BATCH_QUERIES} queries")
@@ -79,6 +83,19 @@ def _status_for(exc: ReembedError) -> int:
     if isinstance(exc, InputError):
         return 422
     return 500
+
+
+#: The query parameters GET /search knows; any other is a 422 (see ``SearchRequest``).
+GET_SEARCH_PARAMS = frozenset({"alias", "q", "k", "mode", "key"})
+
+
+def known_params(request: Request) -> None:
+    """Refuse query parameters GET /search does not know, as POST refuses unknown fields."""
+    unknown = sorted(set(request.query_params) - GET_SEARCH_PARAMS)
+    if unknown:
+        raise RequestValidationError([{"type": "extra_forbidden", "loc": ("query", name),
+                                       "msg": "Extra inputs are not permitted", "input": request.query_params[name]}
+                                      for name in unknown])
 
 
 def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
@@ -152,7 +169,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         return {"status": "ok", "indexes": {name: len(index) for name, index in loaded.items()},
                 "problems": state["warm_errors"]}
 
-    @app.get("/search", response_model=SearchResponse, dependencies=[Depends(authorise)])
+    @app.get("/search", response_model=SearchResponse, dependencies=[Depends(authorise), Depends(known_params)])
     def search_get(
         alias: Annotated[str, Query(min_length=1, max_length=512)],
         q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)],
