@@ -22,6 +22,17 @@ from tests.conftest import M2V_MINILM, M2V_MPNET, SCIFACT, need
 
 pytestmark = pytest.mark.integration
 
+FOLLOWER = """
+import json, sys
+import chromadb
+from reembed.client import live_collection
+host, port = sys.argv[1], int(sys.argv[2])
+queries = json.loads(sys.stdin.read())
+collection = live_collection(chromadb.HttpClient(host=host, port=port), "app")
+print(json.dumps({"name": collection.name, "ids": collection.query(query_texts=queries, n_results=10)["ids"],
+                  "queue": sorted(m for m in ("redis", "celery") if m in sys.modules)}))
+"""
+
 READER = """
 import json, sys
 import chromadb
@@ -72,3 +83,10 @@ def test_the_target_mirrors_the_source_and_a_plain_client_gets_the_same_answers(
                             capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert theirs.returncode == 0, theirs.stderr[-2000:]
     assert json.loads(theirs.stdout) == ours
+    # The documented way to find it: reembed.client reads the alias from Chroma alone.
+    follower = subprocess.run([sys.executable, "-c", FOLLOWER, "127.0.0.1", str(port)], input=json.dumps(queries),
+                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2],
+                              check=False)
+    assert follower.returncode == 0, follower.stderr[-2000:]
+    found = json.loads(follower.stdout)
+    assert found == {"name": live, "ids": ours, "queue": []}, found
