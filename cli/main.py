@@ -2,9 +2,10 @@
 
 Every command takes ``--json`` (one JSON object on stdout, nothing else there) and exits
 non-zero with a one-line reason on stderr. When ``REEMBED_REDIS_URL`` / ``REEMBED_CHROMA_URL``
-are unset, a command starts an embedded Redis and a local ``chroma run`` over the data
-directory and stops them when it ends; since nobody else's workers can see that Redis, such a
-command also starts its own workers (``--workers``) and waits for the work to finish.
+are unset, a command uses the data folder's own Redis and ``chroma run``, shared with every other
+command on that folder (``cli.stack``: started by the first, stopped by the last); since only the
+folder's workers can see that Redis, such a command also starts them (``--workers``) unless they
+run, and waits for the work to finish unless ``reembed up`` keeps the stack running.
 """
 
 from __future__ import annotations
