@@ -25,7 +25,6 @@ from cli.common import (
     fail,
     handle_signals,
     json_option,
-    progress_line,
     run_guarded,
     stack,
     wait_and_report,
