@@ -131,7 +131,13 @@ class Lifecycle(RuleBasedStateMachine):
         if pending.state not in ACTIVE_STATES | {MigrationState.COMPLETE}:
             return False
         old, new = json.loads(before), json.loads(after)
+        # The worker switches the alias, then records the migration live, both under the alias
+        # lock; a refusal caused by that lock can read the alias between the two writes.
+        deadline = time.monotonic() + 10
         now = self.control.registry.get_migration(pending.id)
+        while now.state != MigrationState.LIVE and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.control.registry.get_migration(pending.id)
         return (now.state == MigrationState.LIVE and new["live_collection"] == pending.target_collection
                 and new["previous_collection"] == old["live_collection"] == pending.source_collection)
 
