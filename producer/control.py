@@ -33,7 +33,7 @@ from reembed.lifecycle import FINAL_STATES, Migration, unfinished
 from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
 from reembed.migrations import check_alias_name, start_ingest, start_migration
 from reembed.models import fingerprint, resolve_model
-from reembed.pipeline import Feeder, diff
+from reembed.pipeline import Feeder
 from reembed.progress import alias_lock, redis_client
 from reembed.queue import client_app
 from reembed.registry import (
@@ -48,6 +48,7 @@ from reembed.registry import (
 from reembed.settings import Settings
 from reembed.status import alias_summary, migration_status
 from reembed.store import Store
+from reembed.verification import diff
 
 log = structlog.get_logger(__name__)
 

@@ -45,6 +45,30 @@ def content_hash(text: str, metadata: dict[str, Any] | None) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+#: Chroma's server parses a float's JSON text without correct rounding (1-2 units in the last
+#: place off for about one full-precision float in nine, and -0.0 comes back as 0.0), so a float
+#: read back may differ from the one written by that much, never more.
+FLOAT_REL_TOL = 1e-12
+
+
+def same_metadata(stored: dict[str, Any] | None, written: dict[str, Any] | None) -> bool:
+    """Whether the user's metadata Chroma returned is what was written, floats within
+    :data:`FLOAT_REL_TOL` (a value's type must be the same: Chroma keeps ints and floats apart)."""
+    a, b = user_metadata(stored), user_metadata(written)
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if type(value) is not type(other):
+            return False
+        if isinstance(value, float):
+            if not math.isclose(value, other, rel_tol=FLOAT_REL_TOL, abs_tol=0.0):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
 def provenance(model: LoadedModel, text: str, metadata: dict[str, Any] | None) -> dict[str, Any]:
     """The user's metadata plus the fields that trace a vector back to its model."""
     return {

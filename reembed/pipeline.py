@@ -32,17 +32,22 @@ import structlog
 
 from reembed.documents import (
     Document,
-    content_hash,
     read_corpus,
     user_metadata,
     validate_corpus,
 )
-from reembed.errors import NoWorkerError, QueueUnavailableError, ReembedError, RetryableError
+from reembed.errors import (
+    NoWorkerError,
+    QueueUnavailableError,
+    ReembedError,
+    RetryableError,
+)
 from reembed.lifecycle import Migration
 from reembed.messages import BatchMessage
 from reembed.progress import Progress, pump_lock_key, redis_errors
 from reembed.registry import MigrationRecord, MigrationState
 from reembed.store import Store
+from reembed.verification import check_ingest, diff
 
 log = structlog.get_logger(__name__)
 
@@ -320,42 +325,6 @@ def _pump_locked(feeder: Feeder, keep_feeding_s: float, lost_after_s: float) -> 
         if time.monotonic() >= deadline:
             return True
         time.sleep(PUMP_POLL_S)
-
-
-def diff(store: Store, record: MigrationRecord, exclude: set[str]) -> dict[str, Any]:
-    """Compare source and target by id, content hash and model fingerprint.
-
-    Returns a dict with ``source`` (ids with text), ``matching``, ``missing`` (to embed),
-    ``stale`` (changed or made by another model: to re-embed) and ``extra`` (to delete).
-    """
-    assert record.source_collection is not None
-    source: dict[str, str] = {}
-    for page in store.pages(record.source_collection):
-        for doc_id, text, meta in zip(page.ids, page.documents, page.metadatas, strict=True):
-            if doc_id not in exclude and text is not None and text.strip():
-                source[doc_id] = content_hash(text, meta)
-    target: dict[str, tuple[str, str]] = {}
-    for page in store.pages(record.target_collection, documents=False):
-        for doc_id, meta in zip(page.ids, page.metadatas, strict=True):
-            meta = meta or {}
-            target[doc_id] = (str(meta.get("content_hash", "")), str(meta.get("model_fingerprint", "")))
-    missing = [i for i in source if i not in target]
-    stale = [i for i, h in source.items() if i in target and target[i] != (h, record.to_fingerprint)]
-    extra = [i for i in target if i not in source]
-    return {"source": len(source), "missing": missing, "stale": stale, "extra": extra,
-            "matching": len(source) - len(missing) - len(stale)}
-
-
-def check_ingest(store: Store, record: MigrationRecord) -> list[str]:
-    """For an ingest (no source collection): ids whose stored hash or fingerprint is wrong."""
-    bad = []
-    for page in store.pages(record.target_collection):
-        for doc_id, text, meta in zip(page.ids, page.documents, page.metadatas, strict=True):
-            meta = meta or {}
-            if (meta.get("content_hash") != content_hash(text or "", meta)
-                    or meta.get("model_fingerprint") != record.to_fingerprint):
-                bad.append(doc_id)
-    return bad
 
 
 def finalize(migration: Migration, store: Store) -> str:
