@@ -44,6 +44,8 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int, sample: in
             result = make_plan(local.settings, alias, to_model, workers, sample, queries_per_month,
                                value_per_query, engineering_cost, quality_gain)
         emit(as_json, result)
+        for warning in result["warnings"]:
+            click.echo(f"reembed: warning: {warning}", err=True)
     run_guarded(run)
 
 

@@ -69,17 +69,26 @@ def delete(settings: Settings, alias: str, ids: tuple[str, ...], as_json: bool) 
 @click.argument("query")
 @click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--mode", type=click.Choice(["hybrid", "semantic", "keyword"]), default="hybrid", show_default=True)
+@click.option("--where", metavar="JSON", help='Metadata filter in Chroma\'s syntax, e.g. \'{"year": {"$gte": 2020}}\'.')
+@click.option("--where-document", metavar="JSON", help='Text filter in Chroma\'s syntax, e.g. \'{"$contains": "cell"}\'.')
 @json_option
 @click.pass_obj
-def search(settings: Settings, alias: str, query: str, k: int, mode: str, as_json: bool) -> None:
-    """Search ALIAS: BM25 and/or its live collection's own model, fused by rank."""
+def search(settings: Settings, alias: str, query: str, k: int, mode: str, where: str | None,
+           where_document: str | None, as_json: bool) -> None:
+    """Search ALIAS: BM25 and/or its live collection's own model, fused by rank; a filter applies
+    to both."""
     def run() -> None:
+        from reembed.filters import parse_filter, parse_json_filter
         from search import Searcher
 
+        metadata = parse_json_filter(where, "--where")
+        text = parse_json_filter(where_document, "--where-document")
+        parse_filter(metadata, text)  # a bad filter is refused before any service starts
         with stack(settings, 0) as local:
             searcher = Searcher(local.settings)
             try:
-                result = searcher.search(alias, query, k, mode, fresh_index=True)  # type: ignore[arg-type]
+                result = searcher.search(alias, query, k, mode, fresh_index=True,  # type: ignore[arg-type]
+                                         where=metadata, where_document=text)
             finally:
                 searcher.close()
         served = result.served_by

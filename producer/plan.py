@@ -30,6 +30,25 @@ TOKENIZE_SAMPLE = 20_000
 HNSW_BYTES_PER_DOC = 2 * 16 * 4 + 22
 
 
+#: The distance space that ranks as each sentence-transformers similarity function does, for vectors
+#: that are not normalised (normalised vectors rank the same in all three spaces).
+SPACE_FOR_SIMILARITY = {"cosine": "cosine", "dot": "ip", "euclidean": "l2"}
+
+
+def space_warning(space: str, model: str, normalized: bool, similarity: str) -> str | None:
+    """Why ``space`` (the source's, which the target mirrors) would rank ``model``'s vectors
+    differently from the similarity the model was trained for; None when it does not."""
+    if normalized:
+        return None  # unit vectors: cosine, l2 and ip order neighbours identically
+    suits = SPACE_FOR_SIMILARITY.get(similarity)
+    if suits == space:
+        return None
+    fix = (f"a collection in the {suits!r} space" if suits else "normalised vectors (a model spec with normalize)")
+    return (f"the source collection uses the {space!r} distance space, which the target mirrors, but {model} "
+            f"scores by {similarity} similarity and its vectors are not normalised: nearest neighbours in "
+            f"{space!r} are not the model's; it needs {fix}")
+
+
 def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample: int = 200,
          queries_per_month: float | None = None, value_per_query: float | None = None,
          engineering_cost: float | None = None, quality_gain: float | None = None) -> dict[str, Any]:
@@ -77,6 +96,8 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     vectors_bytes = len(texts) * model.dimension * 4
     overhead = HNSW_BYTES_PER_DOC + sum(extra_bytes) / len(extra_bytes)
     api_cost = spec.price_per_million_tokens * total_tokens / 1e6
+    space = store.space(current.live_collection)
+    warning = space_warning(space, spec.name, spec.normalize, model.similarity)
     out: dict[str, Any] = {
         "alias": alias, "from_model": live.model, "to_model": spec.name, "dimension": model.dimension,
         "device": model.device, "documents": len(texts) + len(empty), "documents_to_embed": len(texts),
@@ -91,6 +112,8 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
         "storage_overhead_bytes_per_document": round(overhead),
         "storage_total_bytes": int(vectors_bytes + overhead * len(texts)),
         "price_per_million_tokens": spec.price_per_million_tokens, "api_cost": round(api_cost, 4),
+        "space": space, "model_similarity": model.similarity, "normalized": spec.normalize,
+        "warnings": [warning] if warning else [],
     }
     if None not in (queries_per_month, value_per_query, quality_gain):
         benefit = queries_per_month * value_per_query * quality_gain  # type: ignore[operator]

@@ -12,6 +12,7 @@ Chroma server is unreachable. It is persisted as plain files (numpy arrays and J
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import Stemmer
 
 from reembed.errors import StoreError
+from reembed.filters import Filter, FilterIndex
 
 #: bm25s's defaults (Lucene variant, k1=1.5, b=0.75): the MTEB bm25s baseline that scores
 #: 0.687 nDCG@10 on SciFact with English stop words and the Snowball stemmer.
@@ -66,6 +68,8 @@ class Bm25Index:
         self._retriever = retriever  # None for an empty collection
         self.built_at = built_at
         self._position = {doc_id: i for i, doc_id in enumerate(ids)}
+        self._filters: FilterIndex | None = None
+        self._filters_lock = threading.Lock()
 
     @classmethod
     def build(cls, signature: IndexSignature, ids: list[str], documents: list[str | None],
@@ -80,21 +84,35 @@ class Bm25Index:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def query(self, text: str, k: int) -> list[KeywordHit]:
-        """Top ``k`` documents that share at least one term with the query, best first."""
+    def query(self, text: str, k: int, where: Filter | None = None) -> list[KeywordHit]:
+        """Top ``k`` documents that share at least one term with the query (and pass ``where``,
+        evaluated over the indexed copy of each document), best first."""
         if self._retriever is None:
             return []
         tokens = tokenize([text])
         if not tokens[0]:
             return []
+        mask = None
+        if where is not None:
+            allowed = self.allowed(where)
+            if not allowed.any():
+                return []
+            mask = allowed.astype(np.float32)  # bm25s multiplies each score by it: 0 drops the document
         found, scores = self._retriever.retrieve(tokens, k=min(k, len(self.ids)), show_progress=False,
-                                                 n_threads=1)
+                                                 n_threads=1, weight_mask=mask)
         hits: list[KeywordHit] = []
         for index, score in zip(found[0], scores[0], strict=True):
             if score <= 0:  # bm25s pads with zero-score documents that match no term
                 break
             hits.append(KeywordHit(self.ids[int(index)], float(score), len(hits) + 1))
         return hits
+
+    def allowed(self, where: Filter) -> np.ndarray:
+        """Which documents pass ``where``, in ``ids`` order (columns built on the first call)."""
+        with self._filters_lock:
+            if self._filters is None:
+                self._filters = FilterIndex(self.documents, self.metadatas)
+        return self._filters.mask(where)
 
     def scores(self, text: str) -> np.ndarray:
         """Every document's BM25 score for ``text``, in ``ids`` order (the reference tests use it)."""

@@ -15,6 +15,10 @@ application's queries with the live collection's own model::
 
 The name changes with every migration: look it up again after a cutover (one small read, cheap
 enough to do per request, or every few seconds).
+
+LangChain's Chroma vector store (``langchain-chroma``) wants its own ``Embeddings`` object;
+:func:`langchain_embeddings` wraps the live collection's embedding function as one (the README
+has the recipe, and a test runs it).
 """
 
 from __future__ import annotations
@@ -47,3 +51,32 @@ def live_name(client: Any, alias: str) -> str:
 def live_collection(client: Any, alias: str) -> Any:
     """The collection ``alias`` serves now, with its model's embedding function (see the module)."""
     return client.get_collection(live_name(client, alias))
+
+
+class CollectionEmbeddings:
+    """LangChain's ``Embeddings`` interface (``embed_documents``, ``embed_query``) over a Chroma
+    collection's own embedding function. Duck-typed: reembed does not depend on LangChain."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return [[float(x) for x in vector] for vector in self.function(list(texts))]
+
+    def embed_query(self, text: str) -> list[float]:
+        return [float(x) for x in self.function.embed_query([text])[0]]
+
+
+def langchain_embeddings(collection: Any) -> CollectionEmbeddings:
+    """The embeddings a LangChain ``Chroma`` store needs to query ``collection`` with its own model.
+
+    Raises:
+        AliasNotFoundError: the collection records no embedding function (not one reembed wrote).
+    """
+    # The persisted function, as chromadb itself resolves query_texts (not the client-side default
+    # that a Collection object also carries).
+    function = collection.configuration.get("embedding_function")
+    if function is None:
+        raise AliasNotFoundError(f"collection {collection.name!r} records no embedding function; open it with "
+                                 "reembed.client.live_collection")
+    return CollectionEmbeddings(function)

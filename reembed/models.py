@@ -251,6 +251,8 @@ class LoadedModel:
         self._lock = threading.Lock()  # torch modules are not safe to call from two threads at once
         self.probe = self.embed_documents([PROBE_TEXT])[0]
         self.dimension = int(self.probe.shape[0])
+        #: What the model was trained to score by (sentence-transformers' own declaration).
+        self.similarity = str(getattr(model, "similarity_fn_name", None) or "cosine")
 
     def embed_documents(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """Embed documents (document prefix applied) as float32, one row per text."""

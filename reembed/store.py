@@ -26,6 +26,7 @@ from reembed.errors import (
 )
 
 if TYPE_CHECKING:
+    from reembed.filters import Filter
     from reembed.settings import Settings
 
 #: Page size when reading a collection: Chroma answers 1,000-document pages in a few ms.
@@ -257,6 +258,11 @@ class Store:
         col = self.collection(name)
         return dict(col.configuration_json or {})
 
+    def space(self, name: str) -> str:
+        """The collection's distance space: ``cosine``, ``l2`` (Chroma's default) or ``ip``."""
+        hnsw = self.configuration(name).get("hnsw") or {}
+        return str(hnsw.get("space") or "l2")
+
     def count(self, name: str) -> int:
         with mapped_errors(f"counting {name!r}"):
             return int(self.collection(name).count())
@@ -313,10 +319,13 @@ class Store:
         with mapped_errors(f"deleting {len(ids)} documents from {name!r}"):
             self.collection(name).delete(ids=ids)
 
-    def query(self, name: str, vector: np.ndarray, k: int) -> Page:
+    def query(self, name: str, vector: np.ndarray, k: int, where: Filter | None = None) -> Page:
+        """The ``k`` nearest documents (among those passing ``where``: Chroma filters them itself,
+        at a cost that grows with the number of documents passing, see search.searcher)."""
+        narrowed = where.chroma_arguments() if where is not None else {}
         with mapped_errors(f"querying {name!r}"):
             raw = self.collection(name).query(query_embeddings=[vector], n_results=k,
-                                              include=["documents", "metadatas", "distances"])
+                                              include=["documents", "metadatas", "distances"], **narrowed)
         return Page(ids=raw["ids"][0], documents=raw["documents"][0], metadatas=raw["metadatas"][0],
                     distances=np.asarray(raw["distances"][0]))
 

@@ -1,6 +1,7 @@
 """The HTTP search service (FastAPI; OpenAPI at ``/docs``).
 
-Status codes: 422 bad input (empty query, k out of range, unknown mode), 404 unknown alias,
+Status codes: 422 bad input (empty query, k out of range, unknown mode, a malformed filter: the
+message names the bad part), 404 unknown alias,
 409 model mismatch, 503 Chroma or Redis unreachable (with the reason), 401 missing or wrong API
 key. Endpoints are plain ``def``: FastAPI runs them on its thread pool, since embedding a query
 and asking Chroma block.
@@ -36,6 +37,7 @@ from reembed.errors import (
     ReembedError,
     RetryableError,
 )
+from reembed.filters import parse_json_filter
 from reembed.settings import Settings
 from reembed.status import alias_summary, migration_status
 from search.prometheus import SearchMetrics, StateCollector
@@ -53,6 +55,10 @@ _bearer = HTTPBearer(auto_error=False)
 #: The largest request body accepted: a full batch of the longest queries, UTF-8, with room for JSON.
 MAX_BODY_BYTES = MAX_BATCH_QUERIES * MAX_QUERY_CHARS * 4 + 64 * 1024
 
+WHERE_HELP = ("metadata filter in Chroma's syntax ({key: value}, $eq $ne $gt $gte $lt $lte $in $nin, "
+              "$and $or), applied to both retrievers: every hit passes it")
+WHERE_DOCUMENT_HELP = "text filter in Chroma's syntax ($contains, $not_contains, $and, $or), case-sensitive"
+
 QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]
 
 
@@ -67,6 +73,9 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
     mode: Mode = "hybrid"
     key: str | None = Field(None, max_length=256, description="client key for canary routing")
+    where: dict[str, Any] | None = Field(None, description=WHERE_HELP, examples=[{"year": {"$gte": 2020}}])
+    where_document: dict[str, Any] | None = Field(None, description=WHERE_DOCUMENT_HELP,
+                                                  examples=[{"$contains": "protein"}])
 
 
 class BatchSearchResponse(BaseModel):
@@ -86,7 +95,7 @@ def _status_for(exc: ReembedError) -> int:
 
 
 #: The query parameters GET /search knows; any other is a 422 (see ``SearchRequest``).
-GET_SEARCH_PARAMS = frozenset({"alias", "q", "k", "mode", "key"})
+GET_SEARCH_PARAMS = frozenset({"alias", "q", "k", "mode", "key", "where", "where_document"})
 
 
 def known_params(request: Request) -> None:
@@ -176,14 +185,21 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
         mode: Mode = "hybrid",
         key: Annotated[str | None, Query(max_length=256, description="client key for canary routing")] = None,
+        where: Annotated[str | None, Query(max_length=64 * 1024, description=WHERE_HELP + " (JSON)")] = None,
+        where_document: Annotated[str | None, Query(max_length=64 * 1024,
+                                                    description=WHERE_DOCUMENT_HELP + " (JSON)")] = None,
     ) -> SearchResponse:
-        return observed(mode, lambda: _searcher().search(alias, q, k, mode, client_key=key))
+        metadata = parse_json_filter(where, "where")
+        text = parse_json_filter(where_document, "where_document")
+        return observed(mode, lambda: _searcher().search(alias, q, k, mode, client_key=key, where=metadata,
+                                                         where_document=text))
 
     @app.post("/search", response_model=SearchResponse | BatchSearchResponse, dependencies=[Depends(authorise)])
     def search_post(body: SearchRequest) -> SearchResponse | BatchSearchResponse:
         def one(query: str) -> SearchResponse:
             return observed(body.mode, lambda: _searcher().search(body.alias, query, body.k, body.mode,
-                                                                  client_key=body.key))
+                                                                  client_key=body.key, where=body.where,
+                                                                  where_document=body.where_document))
         if isinstance(body.q, str):
             return one(body.q)
         return BatchSearchResponse(responses=[one(q) for q in body.q])

@@ -6,6 +6,7 @@ A missing Redis skips the integration tests locally and fails them in CI (dramat
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,11 @@ def need(path: Path) -> Path:
             raise FileNotFoundError(f"{path} is missing; CI needs shared/ beside the checkout")
         pytest.skip(f"{path} not present")
     return path
+
+
+def readme_snippet(name: str) -> str:
+    """The first code block after ``<!-- snippet: NAME`` in the README: what a user copies."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(rf"<!-- snippet: {re.escape(name)}\b.*?-->\s*```\w*\n(.*?)```", readme, re.S)
+    assert found, f"README has no snippet {name!r}"
+    return found.group(1)

@@ -3,6 +3,7 @@ Chroma collection that embeds queries with the right model, in the source's own 
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import chromadb
+import numpy as np
 from chromadb.utils.embedding_functions import SentenceTransformerEmbeddingFunction
 import pytest
 
@@ -18,7 +20,7 @@ from producer import ControlPlane
 from reembed.registry import MigrationState
 from reembed.settings import Settings
 from search.searcher import Searcher
-from tests.conftest import M2V_MINILM, M2V_MPNET, SCIFACT, need
+from tests.conftest import M2V_MINILM, M2V_MPNET, SCIFACT, need, readme_snippet
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +61,7 @@ def test_the_target_mirrors_the_source_and_a_plain_client_gets_the_same_answers(
     with open(need(SCIFACT) / "corpus.jsonl") as src:
         rows = [json.loads(line) for _, line in zip(range(300), src, strict=False)]
     source.add(ids=[r["_id"] for r in rows], documents=[f"{r['title']} {r['text']}" for r in rows],
-               metadatas=[{"n": i} for i in range(len(rows))])
+               metadatas=[{"n": i, "year": 2000 + i % 30} for i in range(len(rows))])
 
     start_workers(1)
     control.adopt("app", "app-docs", timeout=120)
@@ -78,7 +80,16 @@ def test_the_target_mirrors_the_source_and_a_plain_client_gets_the_same_answers(
 
     with open(need(SCIFACT) / "queries.jsonl") as src:
         queries = [json.loads(line)["text"] for _, line in zip(range(20), src, strict=False)]
-    ours = [[hit.id for hit in Searcher(settings).search("app", q, k=10, mode="semantic").results] for q in queries]
+    searcher = Searcher(settings)
+    ours = [[hit.id for hit in searcher.search("app", q, k=10, mode="semantic").results] for q in queries]
+    # In the l2 space too, a semantic score is the cosine similarity of query and document (within
+    # what the static model's normalisation leaves: its unit vectors have norms of 1 ± 3e-4).
+    top = searcher.search("app", queries[0], k=3, mode="semantic").results
+    vectors = target.get(ids=[h.id for h in top], include=["embeddings"])
+    q = searcher.model_for(control.registry.get_collection(live)).embed_queries([queries[0]])[0]
+    cosine = {doc_id: float(np.dot(q, v) / np.linalg.norm(q) / np.linalg.norm(v))
+              for doc_id, v in zip(vectors["ids"], np.asarray(vectors["embeddings"]), strict=True)}
+    assert [h.score for h in top] == pytest.approx([cosine[h.id] for h in top], abs=2e-3)
     theirs = subprocess.run([sys.executable, "-c", READER, "127.0.0.1", str(port), live], input=json.dumps(queries),
                             capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert theirs.returncode == 0, theirs.stderr[-2000:]
@@ -90,3 +101,17 @@ def test_the_target_mirrors_the_source_and_a_plain_client_gets_the_same_answers(
     assert follower.returncode == 0, follower.stderr[-2000:]
     found = json.loads(follower.stdout)
     assert found == {"name": live, "ids": ours, "queue": []}, found
+
+    # The README's snippets, as a user copies them (only the address and the alias's name changed:
+    # "localhost" does not resolve on every test machine).
+    query, where = "how do zebrafish regrow fins?", {"year": {"$gte": 2020}}
+    expected = [hit.id for hit in Searcher(settings).search("app", query, k=10, mode="semantic", where=where).results]
+    assert len(expected) == 10
+    for name in ("plain-chromadb", "langchain"):
+        code = (readme_snippet(name).replace('host="localhost", port=8000', f'host="127.0.0.1", port={port}')
+                .replace('"docs"', '"app"'))
+        ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).parents[2], check=False)
+        assert ran.returncode == 0, f"{name}: {ran.stderr[-2000:]}"
+        assert ast.literal_eval(ran.stdout.strip()) == expected, name
+

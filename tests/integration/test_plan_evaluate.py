@@ -39,6 +39,8 @@ def test_plan_counts_measures_and_prices(settings: Settings, sci: str) -> None:
     assert result["tokens"] > 150 * 50 and result["docs_per_s"] > 0 and result["estimated_wall_s"] > 0
     assert result["api_cost"] == 0 and result["monthly_benefit"] == pytest.approx(1e6 * 0.01 * 0.02)
     assert result["months_to_break_even"] == pytest.approx(5000 / 200)
+    # The target mirrors the source's space; unit vectors rank alike in every space: no warning.
+    assert (result["space"], result["normalized"], result["warnings"]) == ("cosine", True, [])
     minilm = plan(settings, sci, "all-MiniLM-L6-v2", sample=20)
     assert minilm["max_sequence_length"] == 256 and minilm["documents_truncated"] > 0  # SciFact abstracts are long
 

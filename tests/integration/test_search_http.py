@@ -73,11 +73,12 @@ def test_http_search_modes_limits_and_errors(
         assert client.get("/search", params={"alias": "sci", "q": "x" * 10_001}).status_code == 422
         assert client.get("/search", params={"alias": "sci", "q": "x", "mode": "fuzzy"}).status_code == 422
         assert client.post("/search", json={"alias": "sci", "q": "   "}).status_code == 422
-        # A field the API does not know (a filter it would not apply) is refused, never ignored.
-        extra = client.post("/search", json={"alias": "sci", "q": "x", "where": {"bucket": 1}})
-        assert extra.status_code == 422 and extra.json()["detail"][0]["loc"] == ["body", "where"], extra.text
-        extra = client.get("/search", params={"alias": "sci", "q": "x", "where": "{}"})
-        assert extra.status_code == 422 and extra.json()["detail"][0]["loc"] == ["query", "where"], extra.text
+        # A field the API does not know (LangChain's name for a filter, which it would not apply)
+        # is refused, never ignored.
+        extra = client.post("/search", json={"alias": "sci", "q": "x", "filter": {"bucket": 1}})
+        assert extra.status_code == 422 and extra.json()["detail"][0]["loc"] == ["body", "filter"], extra.text
+        extra = client.get("/search", params={"alias": "sci", "q": "x", "filter": "{}"})
+        assert extra.status_code == 422 and extra.json()["detail"][0]["loc"] == ["query", "filter"], extra.text
         missing = client.get("/search", params={"alias": "nope", "q": "x"})
         assert missing.status_code == 404 and "nope" in missing.json()["detail"]
         # /aliases: the live collection, model, count

@@ -25,7 +25,7 @@ import redis
 
 from cli.services import ChromaServer, Workers, free_port
 from reembed.settings import Settings
-from tests.conftest import M2V_MINILM, M2V_MPNET, SCIFACT, need
+from tests.conftest import M2V_MINILM, M2V_MPNET, SCIFACT, need, readme_snippet
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +42,19 @@ http {{
   access_log off;
   client_body_temp_path {root}/body;
   proxy_temp_path {root}/proxy;
+  # A bearer token (a typical proxy) or Chroma Cloud's X-Chroma-Token header.
+  map "$http_authorization|$http_x_chroma_token" $denied {{
+    default 1;
+    "Bearer {token}|" 0;
+    "|{token}" 0;
+  }}
   server {{
     listen 127.0.0.1:{port} ssl;
     ssl_certificate {root}/cert.pem;
     ssl_certificate_key {root}/key.pem;
     client_max_body_size 0;
     location / {{
-      if ($http_authorization != "Bearer {token}") {{ return 401; }}
+      if ($denied) {{ return 401; }}
       proxy_pass {upstream};
       proxy_http_version 1.1;
       proxy_set_header Connection "";
@@ -109,6 +115,7 @@ def secured_env(settings: Settings, url: str, cert: Path, token: str | None = TO
     return env
 
 
+
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -155,6 +162,19 @@ def test_a_token_guarded_tls_chroma_in_its_own_tenant_works_end_to_end_and_the_t
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
         assert lines[0].startswith("reembed: error: ")
         outputs.append(done.stderr)
+
+    # The README's snippets, with this proxy's address, certificate and token filled in.
+    bare = {k: v for k, v in env.items() if not k.startswith("REEMBED_CHROMA_")}
+    bare["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for name in ("secured-chroma", "chroma-cloud"):
+        script = (readme_snippet(name).replace("https://chroma.internal:8443", proxy)
+                  .replace("https://api.trychroma.com", proxy).replace("/etc/ssl/our-ca.pem", str(cert))
+                  .replace("<token>", TOKEN).replace("<your API key>", TOKEN)
+                  .replace("<tenant id>", TENANT).replace("<database>", DATABASE))
+        done = subprocess.run(["bash", "-euc", script], env={**bare, "REEMBED_CHROMA_SSL_VERIFY": str(cert)},
+                              capture_output=True, text=True, timeout=300)
+        outputs += [done.stdout, done.stderr]
+        assert done.returncode == 0 and "docs" in done.stdout, (name, done.stderr[-2000:])
 
     # The token: in no output, no log line, no Redis key or value, no Chroma record.
     assert not any(TOKEN in text for text in outputs)

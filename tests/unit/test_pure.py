@@ -145,3 +145,31 @@ def test_text_and_metadata_checks_name_the_document_and_the_fix() -> None:
     assert check_metadata("d", {"k": 2**63 - 1, "b": True, "f": 1.5}, "f:1") == {"k": 2**63 - 1, "b": True, "f": 1.5}
     with pytest.raises(InputError, match="surrogate"):
         check_text("doc-1", "lone \udc80 surrogate", "f:1")
+
+
+@pytest.mark.parametrize(("space", "normalized", "similarity", "warned"), [
+    ("cosine", True, "cosine", False), ("l2", True, "cosine", False), ("ip", True, "dot", False),
+    ("cosine", False, "cosine", False), ("ip", False, "dot", False), ("l2", False, "euclidean", False),
+    ("l2", False, "cosine", True), ("ip", False, "cosine", True), ("cosine", False, "dot", True),
+    ("cosine", False, "manhattan", True),
+])
+def test_plan_warns_when_the_source_space_does_not_rank_as_the_model_does(
+        space: str, normalized: bool, similarity: str, warned: bool) -> None:
+    from producer.plan import space_warning
+
+    warning = space_warning(space, "new-model", normalized, similarity)
+    assert (warning is not None) == warned
+    if warning:
+        assert f"{space!r} distance space" in warning and "new-model" in warning and "needs" in warning
+
+
+def test_metadata_read_back_is_the_same_within_chromas_float_parsing() -> None:
+    """Chroma returned 123456789.1234568 for 123456789.12345679 and 0.0 for -0.0 (measured)."""
+    from reembed.documents import same_metadata
+
+    assert same_metadata({"v": 123456789.1234568, "content_hash": "x"}, {"v": 123456789.12345679})
+    assert same_metadata({"v": 0.0}, {"v": -0.0})
+    assert not same_metadata({"v": 123456789.13}, {"v": 123456789.12345679})
+    assert not same_metadata({"v": 1.0}, {"v": 1})  # Chroma keeps ints and floats apart
+    assert not same_metadata({"v": 1}, {"v": 1, "w": 2})
+    assert not same_metadata({"v": "a"}, {"v": "b"})
