@@ -23,7 +23,8 @@ import numpy as np
 import Stemmer
 
 from reembed.errors import StoreError
-from reembed.filters import Filter, FilterIndex
+from reembed.filter_index import FilterIndex
+from reembed.filters import Filter
 
 #: bm25s's defaults (Lucene variant, k1=1.5, b=0.75): the MTEB bm25s baseline that scores
 #: 0.687 nDCG@10 on SciFact with English stop words and the Snowball stemmer.

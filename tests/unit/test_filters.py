@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from reembed.bm25 import Bm25Index, IndexSignature
-from reembed.filters import MAX_DEPTH, FilterError, FilterIndex, parse_filter, parse_json_filter
+from reembed.filter_index import FilterIndex
+from reembed.filters import MAX_DEPTH, FilterError, parse_filter, parse_json_filter
 from reembed.metrics import ndcg_at_k, read_qrels, read_queries
 from tests.conftest import SCIFACT, need
 

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli.stack import FolderStack, Service, StackRecord
+from cli.processes import Service, StackRecord
+from cli.stack import FolderStack
 
 
 def sleeper() -> subprocess.Popen[bytes]:
