@@ -165,6 +165,7 @@ def test_keyword_side_allows_exactly_what_chroma_returns_and_hybrid_hits_pass(
         hits_pass()
     finally:
         searcher.close()
+    keyword_hit_whose_metadata_changed_behind_reembed_is_not_served(settings, chroma, corpus)
 
 
 def searcher_filter(where: Any, where_document: Any) -> Any:
@@ -173,7 +174,7 @@ def searcher_filter(where: Any, where_document: Any) -> Any:
     return parse_filter(where, where_document)
 
 
-def test_a_keyword_hit_whose_metadata_changed_behind_reembed_is_not_served(
+def keyword_hit_whose_metadata_changed_behind_reembed_is_not_served(
         settings: Settings, chroma: ChromaServer, corpus: str) -> None:
     """The BM25 copy trails the collection; a filtered answer is confirmed against Chroma."""
     collection = chromadb.HttpClient(host="127.0.0.1", port=chroma.port).get_collection(corpus)
@@ -210,7 +211,7 @@ MALFORMED = [
 ]
 
 
-def test_http_filters_and_every_malformed_shape_is_a_422_naming_it(
+def test_http_and_cli_filters_and_every_malformed_shape_is_refused_naming_it(
         settings: Settings, chroma: ChromaServer, corpus: str) -> None:
     collection = chromadb.HttpClient(host="127.0.0.1", port=chroma.port).get_collection(corpus)
     where, where_document = {"year": {"$gte": 2010}}, {"$contains": "cell"}
@@ -238,9 +239,10 @@ def test_http_filters_and_every_malformed_shape_is_a_422_naming_it(
         assert not_json.status_code == 422 and not_json.json()["detail"].startswith("where: is not JSON")
         wrong_type = client.post("/search", json={"alias": ALIAS, "q": "cell", "where": [1]})
         assert wrong_type.status_code == 422 and "where" in str(wrong_type.json()["detail"])
+    cli_search_filters_and_refuses_a_bad_filter_in_one_line(settings)
 
 
-def test_cli_search_filters_and_refuses_a_bad_filter_in_one_line(settings: Settings, corpus: str) -> None:
+def cli_search_filters_and_refuses_a_bad_filter_in_one_line(settings: Settings) -> None:
     env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": "1"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

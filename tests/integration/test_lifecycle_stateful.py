@@ -287,10 +287,15 @@ class Lifecycle(RuleBasedStateMachine):
     @rule()
     def kill_worker(self) -> None:
         """SIGKILL one worker process (the pool starts another; Celery redelivers its task)."""
-        children = psutil.Process(self.env["workers"].process.pid).children()
+        def alive(process: psutil.Process) -> bool:  # not one killed here that the pool has not reaped yet
+            with contextlib.suppress(psutil.Error):
+                return bool(process.status() != psutil.STATUS_ZOMBIE)
+            return False
+
+        children = [c for c in psutil.Process(self.env["workers"].process.pid).children() if alive(c)]
         if children:
             victim = children[0]
-            with contextlib.suppress(psutil.NoSuchProcess):
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
                 os.kill(victim.pid, signal.SIGKILL)
             self.note(f"killed worker process {victim.pid}")
             self.kills += 1
