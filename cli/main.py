@@ -276,9 +276,18 @@ def history(settings: Settings, alias: str, as_json: bool) -> None:
             flag = " LIVE" if m["live"] else (" CANARY" if m["canary"] else "")
             lines.append(f"{when}  {m['migration_id']}  {m['kind']:<7} {m['from_model'] or '-'} -> {m['to_model']}  "
                          f"{m['state']:<11} {m['done']}/{m['total']} failed {m['failed']}  "
-                         f"verdict {m['verdict'] or '-'}{flag}")
+                         f"verdict {m['verdict'] or '-'}{flag}{_took(m)}")
         emit(as_json, result, "\n".join(lines))
     run_guarded(run)
+
+
+def _took(row: dict[str, Any]) -> str:
+    """"  took 812 s (planned 760 s, chroma-bound, 2 workers)", as far as it is known."""
+    took = f"  took {row['wall_s']:.0f} s" if row.get("wall_s") is not None else ""
+    if row.get("planned_wall_s") is None:
+        return took
+    return (f"{took or '  '} (planned {row['planned_wall_s']:.0f} s, {row['planned_bound_by']}-bound, "
+            f"{row['planned_workers']} worker{'' if row['planned_workers'] == 1 else 's'})")
 
 
 @main.command()

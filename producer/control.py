@@ -352,6 +352,7 @@ class ControlPlane:
             "verified": r.verified, "verdict": r.verdict, "error": r.error,
             "live": r.target_collection == current.live_collection,
             "canary": bool(current.canary and current.canary.collection == r.target_collection),
+            **_against_plan(r),
         } for r in self.registry.migrations(alias)]
         return {"alias": alias, "live_collection": current.live_collection,
                 "previous_collection": current.previous_collection, "migrations": rows}
@@ -422,3 +423,15 @@ class ControlPlane:
     def cancel(self, migration_id: str) -> dict[str, Any]:
         """Stop a migration and delete its partial target; the source is never touched."""
         return self.migration_status(self.migration(migration_id).cancel(self.store))
+
+
+def _against_plan(record: MigrationRecord) -> dict[str, Any]:
+    """How long a migration took (start to complete, or to its end) next to what its plan said."""
+    took = record.finished_at - record.created_at if record.finished_at else None
+    plan = record.plan
+    return {"wall_s": round(took, 3) if took is not None else None,
+            "docs_per_s": round(record.done / took, 2) if took else None,
+            "planned_wall_s": round(plan.wall_s, 3) if plan else None,
+            "planned_docs_per_s": round(plan.docs_per_s, 2) if plan else None,
+            "planned_workers": plan.workers if plan else None,
+            "planned_bound_by": plan.bound_by if plan else None}

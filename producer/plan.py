@@ -3,22 +3,33 @@
 Every figure is measured on this collection and this machine where it can be: documents and
 documents without text are counted, tokens are counted with the new model's own tokenizer, and
 the new model's throughput is measured by embedding a sample of this corpus on this machine's
-device. Storage is computed from the dimension plus Chroma's per-document overhead (HNSW links,
-the stored text and metadata, measured on the sample). Nothing is written.
+device. Chroma's write rate is measured too, on the server the migration will write to: a sample
+of these documents (their text and metadata, vectors of the new dimension) is added to a
+throw-away collection, deleted afterwards. The wall time follows the slower of the two. Storage is
+computed from the dimension plus Chroma's per-document overhead (HNSW links, the stored text and
+metadata, measured on the sample). Nothing else is written, except the plan itself (a registry
+record), which the next migration of the alias to that model keeps so that ``history`` can show
+predicted against actual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import secrets
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
 
-from reembed.errors import InputError
-from reembed.models import load_configured, resolve_model
-from reembed.registry import Registry
-from reembed.settings import Settings
+import numpy as np
+
+from reembed.documents import provenance
+from reembed.errors import InputError, ReembedError
+from reembed.models import LoadedModel, load_configured, resolve_model
+from reembed.registry import PlanRecord, Registry
+from reembed.settings import MAX_BATCH_SIZE, Settings
 from reembed.store import Store
 
 #: Collections up to this size have every document tokenised; above, a random sample is, and
@@ -28,6 +39,15 @@ TOKENIZE_SAMPLE = 20_000
 #: Chroma's HNSW keeps up to 2·M neighbour ids (4 bytes) per vector in layer 0 (M = 16 by
 #: default) plus a small id map: about 150 bytes per document.
 HNSW_BYTES_PER_DOC = 2 * 16 * 4 + 22
+
+
+#: The write probe: this many sample documents are added to a throw-away collection, in writes of
+#: PROBE_WRITE documents (the size a migration's writes have), by as many writers as workers (at
+#: most PROBE_WRITERS): a few seconds. Its name starts with PROBE_PREFIX.
+PROBE_DOCS = 2048
+PROBE_WRITE = 512
+PROBE_WRITERS = 4
+PROBE_PREFIX = "reembed-plan-probe-"
 
 
 #: The distance space that ranks as each sentence-transformers similarity function does, for vectors
@@ -49,6 +69,33 @@ def space_warning(space: str, model: str, normalized: bool, similarity: str) -> 
             f"{space!r} are not the model's; it needs {fix}")
 
 
+def chroma_write_rate(store: Store, model: LoadedModel, texts: list[str], metadatas: list[dict[str, Any] | None],
+                      space: str, writers: int) -> float:
+    """Documents per second that ``writers`` concurrent writers get from this Chroma server,
+    measured by adding the sample (real text and metadata, random unit vectors of the model's
+    dimension, the provenance fields a migration writes) to a throw-away collection."""
+    name = PROBE_PREFIX + secrets.token_hex(4)
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((len(texts), model.dimension)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    metas = [provenance(model, t, m) for t, m in zip(texts, metadatas, strict=True)]
+    writes = [slice(i, i + PROBE_WRITE) for i in range(0, len(texts), PROBE_WRITE)]
+    store.create(name, {"reembed": "plan write probe; safe to delete"}, hnsw={"space": space})
+    ids = [f"probe-{i}" for i in range(len(texts))]
+    try:
+        def write(part: slice) -> None:
+            store.add(name, ids[part], vectors[part], texts[part], metas[part])
+
+        write(writes[0])  # warm-up: the collection's first write also opens its segments
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=max(1, writers)) as pool:
+            list(pool.map(write, writes[1:]))
+        return (len(texts) - PROBE_WRITE) / (time.perf_counter() - started)
+    finally:
+        with contextlib.suppress(ReembedError):
+            store.delete(name)
+
+
 def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample: int = 200,
          queries_per_month: float | None = None, value_per_query: float | None = None,
          engineering_cost: float | None = None, quality_gain: float | None = None) -> dict[str, Any]:
@@ -62,6 +109,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     spec = resolve_model(to_model)
     ids: list[str] = []
     texts: list[str] = []
+    metadatas: list[dict[str, Any] | None] = []
     extra_bytes: list[int] = []
     empty: list[str] = []
     for page in store.pages(current.live_collection):
@@ -71,6 +119,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
                 continue
             ids.append(doc_id)
             texts.append(text)
+            metadatas.append(meta)
             extra_bytes.append(len(text.encode("utf-8")) + len(json.dumps(meta or {})) + len(doc_id))
     if not texts:
         raise InputError(f"alias {alias!r} has no document with text; nothing to migrate")
@@ -91,12 +140,20 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     per_worker = len(measured) / (time.perf_counter() - started)
     cores = os.cpu_count() or 1
     effective = workers if model.device != "cpu" else min(workers, max(1, cores // settings.torch_threads))
-    rate = per_worker * effective
+    model_rate = per_worker * effective
+    space = store.space(current.live_collection)
+    # A small collection's documents are written several times over (under other ids): the probe
+    # always writes PROBE_DOCS, so that its few writes are the size a migration's are.
+    chosen = rng.sample(range(len(texts)), min(PROBE_DOCS, len(texts)))
+    probe = [chosen[i % len(chosen)] for i in range(PROBE_DOCS)]
+    write_rate = chroma_write_rate(store, model, [texts[i] for i in probe], [metadatas[i] for i in probe],
+                                   space, min(workers, PROBE_WRITERS))
+    rate = min(model_rate, write_rate)
+    bound_by: Literal["model", "chroma"] = "model" if model_rate <= write_rate else "chroma"
     total_tokens = int(sum(tokens) * scale)
     vectors_bytes = len(texts) * model.dimension * 4
     overhead = HNSW_BYTES_PER_DOC + sum(extra_bytes) / len(extra_bytes)
     api_cost = spec.price_per_million_tokens * total_tokens / 1e6
-    space = store.space(current.live_collection)
     warning = space_warning(space, spec.name, spec.normalize, model.similarity)
     out: dict[str, Any] = {
         "alias": alias, "from_model": live.model, "to_model": spec.name, "dimension": model.dimension,
@@ -106,8 +163,11 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
         "mean_tokens_per_document": round(sum(tokens) / len(tokens), 1), "max_sequence_length": limit,
         "documents_truncated": int(over * scale),
         "throughput_sample": len(measured), "docs_per_s_per_worker": round(per_worker, 2),
-        "workers": workers, "effective_workers": effective, "docs_per_s": round(rate, 2),
-        "estimated_wall_s": round(len(texts) / rate, 3),
+        "workers": workers, "effective_workers": effective, "model_docs_per_s": round(model_rate, 2),
+        "chroma_write_docs_per_s": round(write_rate, 2), "chroma_probe_documents": PROBE_DOCS,
+        "bound_by": bound_by, "docs_per_s": round(rate, 2), "estimated_wall_s": round(len(texts) / rate, 3),
+        # Chroma-bound: each batch is one write, and the server takes large writes best.
+        "suggested_batch_size": MAX_BATCH_SIZE if bound_by == "chroma" else settings.batch_size,
         "storage_vectors_bytes": vectors_bytes,
         "storage_overhead_bytes_per_document": round(overhead),
         "storage_total_bytes": int(vectors_bytes + overhead * len(texts)),
@@ -120,4 +180,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
         cost = (engineering_cost or 0.0) + api_cost
         out.update(monthly_benefit=round(benefit, 2), one_off_cost=round(cost, 2),
                    months_to_break_even=round(cost / benefit, 2) if benefit > 0 else None)
+    registry.put_plan(PlanRecord(alias=alias, source_collection=current.live_collection, to_model=spec.name,
+                                 documents=len(texts), workers=workers, docs_per_s=rate, bound_by=bound_by,
+                                 wall_s=len(texts) / rate))
     return out

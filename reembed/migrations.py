@@ -8,6 +8,7 @@ Neither loads a model: the target model's fingerprint is a digest of its files.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from reembed.lifecycle import Migration, unfinished
 from reembed.messages import Outbox
 from reembed.models import ModelSpec, fingerprint, recorded_name, resolve_model
 from reembed.progress import alias_lock
-from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, Registry
+from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, PlanRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
 from reembed.store import Store
 
@@ -70,6 +71,17 @@ def _refuse_if_active(registry: Registry, alias: str) -> None:
             f"`reembed cancel {record.id}`")
 
 
+#: A plan older than this, or made for another source collection, says nothing about a migration.
+PLAN_KEPT_S = 7 * 24 * 3600
+
+
+def _recent_plan(registry: Registry, alias: str, source: str, to_model: str) -> PlanRecord | None:
+    plan = registry.get_plan(alias, to_model)
+    if plan is None or plan.source_collection != source or time.time() - plan.created_at > PLAN_KEPT_S:
+        return None
+    return plan
+
+
 def start_migration(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,
                     alias: str,
                     to_model: str, batch_size: int | None = None, cutover: Literal["auto", "manual"] | str = "auto",
@@ -104,6 +116,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
             alias=alias, source_collection=source, target_collection="", from_model=source_record.model,
             to_model=spec.name, to_fingerprint=to_fingerprint, batch_size=size, cutover=cutover,
             skip_missing_text=skip_missing_text, total=total, skipped=len(missing),
+            plan=_recent_plan(registry, alias, source, spec.name),
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "migration")

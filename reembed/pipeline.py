@@ -46,7 +46,7 @@ from reembed.lifecycle import Migration
 from reembed.messages import BatchMessage
 from reembed.progress import Progress, pump_lock_key, redis_errors
 from reembed.registry import MigrationRecord, MigrationState
-from reembed.store import Store
+from reembed.store import ID_CHUNK, Page, Store
 from reembed.verification import check_ingest, diff
 
 log = structlog.get_logger(__name__)
@@ -67,6 +67,37 @@ FEED_POLL_S = 0.2
 STALL_CHECK_S = 2.0
 #: How long a file feeder waits for an unreachable Redis before it gives up (exit 3).
 OUTAGE_S = 60.0
+
+
+#: Per process, by migration: the chunk of source ids the scan listed last (when, offset, ids).
+_listed: dict[str, tuple[float, int, list[str]]] = {}
+#: A listed chunk is listed again after this long, so that a long-lived pump sees recent writes.
+LISTED_TTL_S = 60.0
+LISTED_KEPT = 8
+
+
+def scan_page(store: Store, migration_id: str, source: str, cursor: int, limit: int) -> tuple[int, Page]:
+    """The documents at positions ``cursor`` to ``cursor + limit`` of the source, in storage order,
+    and how many positions they span (0 at the end; more than the documents when some were
+    deleted since their ids were listed).
+
+    A plain ``get(offset=cursor)`` costs more the further the cursor is (Chroma skips the rows
+    before it), which made a scan O(n²): this lists ids ``ID_CHUNK`` at a time, once per chunk,
+    and reads each window's documents by id, at a cost that does not grow with the position.
+    """
+    listed = _listed.get(migration_id)
+    fresh = listed is not None and time.monotonic() - listed[0] < LISTED_TTL_S
+    if not (fresh and listed is not None and listed[1] <= cursor
+            and cursor + limit <= listed[1] + len(listed[2])):
+        while len(_listed) >= LISTED_KEPT:  # a control worker lives through many migrations
+            del _listed[min(_listed, key=lambda k: _listed[k][0])]
+        listed = _listed[migration_id] = (time.monotonic(), cursor, store.ids(source, cursor, max(ID_CHUNK, limit)))
+    start = cursor - listed[1]
+    ids = listed[2][start:start + limit]
+    if not ids:
+        _listed.pop(migration_id, None)
+        return 0, Page(ids=[], documents=[], metadatas=[])
+    return len(ids), store.get(source, ids)
 
 
 def batch_message(record: MigrationRecord, batch_id: str, docs: list[Document],
@@ -171,13 +202,13 @@ class Feeder:
         assert source is not None
         if phase == "scan":
             started = time.perf_counter()
-            page = self.store.page(source, cursor, window * record.batch_size)
+            span, page = scan_page(self.store, record.id, source, cursor, window * record.batch_size)
             self.progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
-            if page.ids:
+            if span:
                 docs = _docs(page.ids, page.documents, page.metadatas, self.progress.skipped_ids())
                 named = scan_window(cursor, docs, record.batch_size)
                 self.migration.send([batch_message(record, b, batch, "add") for b, batch in named])
-                self.progress.set(cursor=cursor + len(page.ids), enqueued_batches=sent + len(named))
+                self.progress.set(cursor=cursor + span, enqueued_batches=sent + len(named))
                 return False
         else:
             ids = self.progress.todo(cursor, record.batch_size)
@@ -349,7 +380,11 @@ def finalize(migration: Migration, store: Store) -> str:
             return MigrationState.FAILED.value
         migration.complete(counts)
         return _maybe_go_live(migration, store)
+    started = time.perf_counter()
     delta = diff(store, record, failed | skipped)
+    bound_log.info("source and target diffed", seconds=round(time.perf_counter() - started, 3),
+                   source=delta["source"], missing=len(delta["missing"]), stale=len(delta["stale"]),
+                   extra=len(delta["extra"]))
     if delta["extra"]:
         store.delete_ids(record.target_collection, delta["extra"])
     redo = delta["missing"] + delta["stale"]

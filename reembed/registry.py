@@ -79,6 +79,21 @@ class AliasRecord(BaseModel):
     updated_at: float = Field(default_factory=time.time)
 
 
+class PlanRecord(BaseModel):
+    """What ``reembed plan`` predicted for moving an alias to a model; the next migration of that
+    alias to that model keeps the prediction, and ``history`` shows it next to what happened."""
+
+    alias: str
+    source_collection: str
+    to_model: str
+    documents: int
+    workers: int
+    docs_per_s: float
+    bound_by: Literal["model", "chroma"]
+    wall_s: float
+    created_at: float = Field(default_factory=time.time)
+
+
 class CollectionRecord(BaseModel):
     """Which model made the vectors of a physical collection."""
 
@@ -115,6 +130,7 @@ class MigrationRecord(BaseModel):
     verified: bool = False
     verdict: str | None = None  # GO / NO-GO / INCONCLUSIVE once evaluated
     error: str | None = None
+    plan: PlanRecord | None = None  # the latest `reembed plan` of this alias and model, when there is one
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     finished_at: float | None = None
@@ -261,6 +277,13 @@ class Registry:
         docs = self._all("migration", {"alias": alias} if alias else None)
         records = [MigrationRecord.model_validate_json(d) for d in docs]
         return sorted(records, key=lambda r: r.created_at, reverse=True)
+
+    def put_plan(self, plan: PlanRecord) -> None:
+        self._put("plan", f"{plan.alias}/{plan.to_model}", plan, {"alias": plan.alias})
+
+    def get_plan(self, alias: str, to_model: str) -> PlanRecord | None:
+        raw = self._get("plan", f"{alias}/{to_model}")
+        return PlanRecord.model_validate_json(raw) if raw else None
 
     def latest_migration(self, alias: str) -> MigrationRecord | None:
         found = self.migrations(alias)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -29,8 +29,16 @@ if TYPE_CHECKING:
     from reembed.filters import Filter
     from reembed.settings import Settings
 
+_T = TypeVar("_T")
+
 #: Page size when reading a collection: Chroma answers 1,000-document pages in a few ms.
 PAGE_SIZE = 1000
+#: Ids read per request of the ids-only pass of a scan (:meth:`Store.pages`). Chroma's cost of a
+#: ``get(offset=…)`` grows with the offset, whatever the page size: few large id pages make that
+#: cost small per document, and the documents themselves are then read by id (flat cost).
+ID_CHUNK = 20_000
+#: Ids per ``get(ids=…)`` request: Chroma binds each id as an SQL variable (and refuses too many).
+GET_IDS = 4096
 
 
 @dataclass
@@ -160,6 +168,7 @@ class Store:
         from chromadb.config import Settings as ChromaSettings
 
         self.url = url
+        self._handles: dict[str, Any] = {}
         lazy_sentence_transformer()
         self._check_credentials(headers or {}, ssl_verify)
         try:
@@ -208,7 +217,7 @@ class Store:
     def from_client(cls, client: Any, url: str = "in-process") -> Store:
         """A store over an already built chromadb client (tests use Chroma in process)."""
         store = cls.__new__(cls)
-        store.url, store.client = url, client
+        store.url, store.client, store._handles = url, client, {}
         lazy_sentence_transformer()
         return store
 
@@ -221,6 +230,29 @@ class Store:
                 if "does not exist" in str(exc):
                     raise CollectionNotFoundError(f"collection {name!r} does not exist in Chroma at {self.url}") from exc
                 raise
+
+    def _handle(self, name: str) -> Any:
+        """The collection for a read or write on the hot path, kept between calls: opening it is a
+        request of its own (a third of a small write's time). A handle whose collection was
+        deleted fails with not-found, and :meth:`_on` then opens the name again once."""
+        cached = self._handles.get(name)
+        if cached is None:
+            cached = self._handles[name] = self.collection(name)
+        return cached
+
+    def _on(self, name: str, what: str, call: Callable[[Any], _T]) -> _T:
+        """``call(collection)`` with mapped errors; once more on a freshly opened handle when the
+        kept one names a collection that is gone (deleted, maybe made again under its name)."""
+        for attempt in (0, 1):
+            handle = self._handle(name)
+            try:
+                with mapped_errors(what):
+                    return call(handle)
+            except CollectionNotFoundError:
+                self._handles.pop(name, None)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def exists(self, name: str) -> bool:
         try:
@@ -246,6 +278,7 @@ class Store:
                                                  configuration=configuration)  # type: ignore[arg-type]
 
     def delete(self, name: str) -> None:
+        self._handles.pop(name, None)
         with mapped_errors(f"deleting collection {name!r}"):
             self.client.delete_collection(name)
 
@@ -264,31 +297,50 @@ class Store:
         return str(hnsw.get("space") or "l2")
 
     def count(self, name: str) -> int:
-        with mapped_errors(f"counting {name!r}"):
-            return int(self.collection(name).count())
+        return int(self._on(name, f"counting {name!r}", lambda col: col.count()))
 
-    def get(self, name: str, ids: Sequence[str], embeddings: bool = False) -> Page:
-        include = ["documents", "metadatas"] + (["embeddings"] if embeddings else [])
-        with mapped_errors(f"reading {len(ids)} documents of {name!r}"):
-            raw = self.collection(name).get(ids=list(ids), include=include)
-        return _page(raw, embeddings)
+    def get(self, name: str, ids: Sequence[str], embeddings: bool = False, documents: bool = True) -> Page:
+        """The documents of ``ids`` that exist, in Chroma's storage order. The cost follows the
+        number of ids, not the size of the collection."""
+        include = (["documents"] if documents else []) + ["metadatas"] + (["embeddings"] if embeddings else [])
+        parts = [_page(self._on(name, f"reading {len(ids)} documents of {name!r}",
+                                lambda col: col.get(ids=list(ids[i:i + GET_IDS]), include=include)), embeddings)
+                 for i in range(0, len(ids), GET_IDS)]
+        if len(parts) <= 1:  # no ids: nothing asked, nothing read (Chroma would answer every document)
+            return parts[0] if parts else Page([], [], [], np.zeros((0, 0), np.float32) if embeddings else None)
+        return Page(ids=[i for p in parts for i in p.ids], documents=[d for p in parts for d in p.documents],
+                    metadatas=[m for p in parts for m in p.metadatas],
+                    embeddings=np.concatenate([p.embeddings for p in parts if p.embeddings is not None])
+                    if embeddings else None)
 
     def page(self, name: str, offset: int, limit: int, embeddings: bool = False,
              documents: bool = True) -> Page:
-        """One page in Chroma's storage order (stable while nothing is deleted)."""
+        """One page in Chroma's storage order (stable while nothing is deleted). Its cost grows with
+        ``offset``: to read a whole collection, :meth:`pages`."""
         include = (["documents"] if documents else []) + ["metadatas"] + (["embeddings"] if embeddings else [])
-        with mapped_errors(f"paging {name!r} at {offset}"):
-            raw = self.collection(name).get(offset=offset, limit=limit, include=include)
+        raw = self._on(name, f"paging {name!r} at {offset}",
+                       lambda col: col.get(offset=offset, limit=limit, include=include))
         return _page(raw, embeddings)
 
+    def ids(self, name: str, offset: int, limit: int) -> list[str]:
+        """Ids only, in storage order from ``offset``: the cheap half of a scan."""
+        raw = self._on(name, f"listing ids of {name!r} at {offset}",
+                       lambda col: col.get(offset=offset, limit=limit, include=[]))
+        return list(raw["ids"])
+
     def pages(self, name: str, page_size: int = PAGE_SIZE, documents: bool = True) -> Iterator[Page]:
+        """The whole collection, page by page, at a cost per page that does not grow with the
+        position: ids are listed ``ID_CHUNK`` at a time, then each page is read by id."""
         offset = 0
         while True:
-            page = self.page(name, offset, page_size, documents=documents)
-            if not page.ids:
+            chunk = self.ids(name, offset, ID_CHUNK)
+            for start in range(0, len(chunk), page_size):
+                page = self.get(name, chunk[start:start + page_size], documents=documents)
+                if page.ids:  # all of a page may have been deleted since it was listed
+                    yield page
+            if len(chunk) < ID_CHUNK:
                 return
-            yield page
-            offset += len(page.ids)
+            offset += len(chunk)
 
     def upsert(self, name: str, ids: list[str], embeddings: np.ndarray, documents: list[str],
                metadatas: list[dict[str, Any]]) -> None:
@@ -299,33 +351,32 @@ class Store:
         Keys the stored version has and the new one lacks are therefore written as ``None``,
         which Chroma treats as "remove this key".
         """
-        with mapped_errors(f"upserting {len(ids)} documents into {name!r}"):
-            col = self.collection(name)
+        def replace(col: Any) -> None:
             stored = col.get(ids=list(ids), include=["metadatas"])
             old = {i: (m or {}) for i, m in zip(stored["ids"], stored.get("metadatas") or [], strict=False)}
             replaced = [{**dict.fromkeys(set(old.get(i, {})) - set(meta)), **meta}
                         for i, meta in zip(ids, metadatas, strict=True)]
             col.upsert(ids=ids, embeddings=embeddings, documents=documents, metadatas=replaced)
 
+        self._on(name, f"upserting {len(ids)} documents into {name!r}", replace)
+
     def add(self, name: str, ids: list[str], embeddings: np.ndarray, documents: list[str],
             metadatas: list[dict[str, Any]]) -> None:
         """First write of new documents: several times faster than ``upsert``. Chroma keeps (and
         silently skips) ids that already exist, so a repeated add never duplicates; it never
         updates either, which is why redeliveries and catch-up use :meth:`upsert`."""
-        with mapped_errors(f"adding {len(ids)} documents to {name!r}"):
-            self.collection(name).add(ids=ids, embeddings=embeddings, documents=documents, metadatas=metadatas)
+        self._on(name, f"adding {len(ids)} documents to {name!r}",
+                 lambda col: col.add(ids=ids, embeddings=embeddings, documents=documents, metadatas=metadatas))
 
     def delete_ids(self, name: str, ids: list[str]) -> None:
-        with mapped_errors(f"deleting {len(ids)} documents from {name!r}"):
-            self.collection(name).delete(ids=ids)
+        self._on(name, f"deleting {len(ids)} documents from {name!r}", lambda col: col.delete(ids=ids))
 
     def query(self, name: str, vector: np.ndarray, k: int, where: Filter | None = None) -> Page:
         """The ``k`` nearest documents (among those passing ``where``: Chroma filters them itself,
         at a cost that grows with the number of documents passing, see search.searcher)."""
         narrowed = where.chroma_arguments() if where is not None else {}
-        with mapped_errors(f"querying {name!r}"):
-            raw = self.collection(name).query(query_embeddings=[vector], n_results=k,
-                                              include=["documents", "metadatas", "distances"], **narrowed)
+        raw = self._on(name, f"querying {name!r}", lambda col: col.query(
+            query_embeddings=[vector], n_results=k, include=["documents", "metadatas", "distances"], **narrowed))
         return Page(ids=raw["ids"][0], documents=raw["documents"][0], metadatas=raw["metadatas"][0],
                     distances=np.asarray(raw["distances"][0]))
 

@@ -212,11 +212,24 @@ def truncated_tokens(model: LoadedModel, ids: list[str], texts: list[str]) -> di
     return {ids[i]: n for i, n in zip(long, counts, strict=True) if n > limit}
 
 
+#: Seconds per document of one Chroma write, as this process last measured it (starts at the
+#: single-writer rate in BENCHMARKS.md: about 800 documents/s in writes of 512).
+_write_s_per_doc = 1 / 800
+
+
 def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documents: list[str],
                     metadatas: list[dict[str, Any]], write: Callable[..., None],
                     ) -> tuple[int, dict[str, str], dict[str, float]]:
-    """Embed a batch chunk by chunk while the previous chunk is written: the model and Chroma
-    work at the same time. At most one write is in flight, so memory stays one chunk deep.
+    """Embed a batch chunk by chunk and write it in as few writes as keep both the model and
+    Chroma busy.
+
+    A Chroma write has a large fixed cost (a write of 32 documents runs at a fraction of the
+    rate of one of 512), so writes should be large; but the model idles while a write it waits
+    for runs. A write therefore starts before the batch is embedded, with what is embedded so
+    far, only when the rest of the batch will keep the model busy for at least as long as that
+    write takes: then it is hidden (a transformer on a CPU). When embedding is fast next to
+    writing (a static model, a GPU), the batch goes to Chroma whole, in one write. At most one
+    write is in flight, so memory stays one batch deep.
 
     Returns:
         (documents written, {id: reason} of failures, seconds spent embedding / writing / waiting).
@@ -225,11 +238,16 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
     written = 0
     failed: dict[str, str] = {}
     timings = {"embed": 0.0, "write": 0.0, "write_wait": 0.0}
+    ready: list[tuple[str, np.ndarray, str, dict[str, Any]]] = []  # embedded, not yet written
 
-    def timed_write(**kwargs: Any) -> None:
+    def timed_write(rows: list[tuple[str, np.ndarray, str, dict[str, Any]]]) -> None:
+        global _write_s_per_doc
         start = time.perf_counter()
-        write(collection, **kwargs)
-        timings["write"] += time.perf_counter() - start
+        write(collection, ids=[r[0] for r in rows], embeddings=np.stack([r[1] for r in rows]),
+              documents=[r[2] for r in rows], metadatas=[r[3] for r in rows])
+        seconds = time.perf_counter() - start
+        timings["write"] += seconds
+        _write_s_per_doc = 0.7 * _write_s_per_doc + 0.3 * seconds / len(rows)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chroma-write") as writer:
         pending: Future[None] | None = None
@@ -239,19 +257,23 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
             ok, vectors, part_failed = embed_isolating(model.embed_documents, part_ids, part_docs)
             timings["embed"] += time.perf_counter() - start
             failed.update(part_failed)
-            start = time.perf_counter()
-            if pending is not None:
-                pending.result()  # raises the write's error (RetryableError: the task retries)
-            timings["write_wait"] += time.perf_counter() - start
-            pending = None
-            if ok and vectors is not None:
-                pending = writer.submit(
-                    timed_write, ids=[part_ids[i] for i in ok], embeddings=vectors,
-                    documents=[part_docs[i] for i in ok],
-                    metadatas=[provenance(model, part_docs[i], metadatas[begin + i]) for i in ok])
-                written += len(ok)
+            if vectors is not None:
+                ready += [(part_ids[i], vectors[n], part_docs[i], provenance(model, part_docs[i], metadatas[begin + i]))
+                          for n, i in enumerate(ok)]
+            embedded = begin + len(part_ids)
+            rest = len(ids) - embedded
+            if ready and rest and (pending is None or pending.done()):
+                hidden_for = rest * timings["embed"] / embedded  # the model's time for the rest of the batch
+                if hidden_for >= len(ready) * _write_s_per_doc:
+                    if pending is not None:
+                        pending.result()  # finished: raises the write's error (RetryableError: the task retries)
+                    pending = writer.submit(timed_write, ready)
+                    written, ready = written + len(ready), []
         start = time.perf_counter()
         if pending is not None:
             pending.result()
+        if ready:
+            timed_write(ready)
+            written += len(ready)
         timings["write_wait"] += time.perf_counter() - start
     return written, failed, timings

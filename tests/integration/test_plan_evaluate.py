@@ -13,10 +13,11 @@ import pytest
 
 from producer import ControlPlane
 from producer.evaluate import Evaluator, write_report
-from producer.plan import plan
+from producer.plan import PROBE_DOCS, PROBE_PREFIX, plan
 from reembed.registry import MigrationState
 from cli.services import Workers
 from reembed.settings import Settings
+from reembed.store import Store
 from tests.conftest import M2V_MPNET, SCIFACT, need
 from tests.integration.conftest import scifact_subset
 
@@ -31,7 +32,7 @@ def sci(tmp_path: Path, control: ControlPlane, start_workers: Callable[..., Work
     return "sci"
 
 
-def test_plan_counts_measures_and_prices(settings: Settings, sci: str) -> None:
+def test_plan_counts_measures_and_prices(settings: Settings, control: ControlPlane, sci: str) -> None:
     result = plan(settings, sci, str(need(M2V_MPNET)), workers=2, sample=50, queries_per_month=1e6,
                   value_per_query=0.01, engineering_cost=5000, quality_gain=0.02)
     assert (result["documents"], result["documents_without_text"], result["blocked"]) == (150, 0, False)
@@ -43,9 +44,35 @@ def test_plan_counts_measures_and_prices(settings: Settings, sci: str) -> None:
     assert (result["space"], result["normalized"], result["warnings"]) == ("cosine", True, [])
     minilm = plan(settings, sci, "all-MiniLM-L6-v2", sample=20)
     assert minilm["max_sequence_length"] == 256 and minilm["documents_truncated"] > 0  # SciFact abstracts are long
+    # Chroma's write rate, measured on a throw-away collection that is gone afterwards; the wall
+    # time follows the slower of the model and the server.
+    for made in (result, minilm):
+        assert made["chroma_write_docs_per_s"] > 0 and made["chroma_probe_documents"] == PROBE_DOCS
+        assert made["docs_per_s"] == pytest.approx(min(made["model_docs_per_s"], made["chroma_write_docs_per_s"]),
+                                                   rel=1e-3)
+        assert made["bound_by"] == ("model" if made["model_docs_per_s"] <= made["chroma_write_docs_per_s"]
+                                    else "chroma")
+    names = [getattr(c, "name", c) for c in Store.from_settings(settings).client.list_collections()]
+    assert not [n for n in names if n.startswith(PROBE_PREFIX)], names
+
+    # The next migration of the alias to that model keeps the plan; `history` shows both.
+    made = plan(settings, sci, str(need(M2V_MPNET)), workers=1, sample=20)
+    record = control.migrate(sci, str(M2V_MPNET))
+    assert record.plan is not None and record.plan.wall_s == pytest.approx(made["estimated_wall_s"], rel=1e-3)
+    assert control.wait(record.id, timeout=600).state == MigrationState.LIVE
+    row = control.history(sci)["migrations"][0]
+    assert row["migration_id"] == record.id and row["wall_s"] > 0 and row["docs_per_s"] > 0
+    assert (row["planned_workers"], row["planned_bound_by"]) == (1, made["bound_by"])
+    assert row["planned_wall_s"] == pytest.approx(made["estimated_wall_s"], rel=1e-3)
+    env = {**os.environ, **settings.to_env()}
+    shown = subprocess.run([sys.executable, "-m", "cli.main", "history", sci], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert f"(planned {made['estimated_wall_s']:.0f} s, {made['bound_by']}-bound, 1 worker)" in shown.stdout, shown
+    # the ingest had no plan: no planned figures
+    assert control.history(sci)["migrations"][1]["planned_wall_s"] is None
 
 
-def test_evaluate_judged_and_synthetic_with_report_and_exit_code(
+def test_evaluate_judged_synthetic_on_the_workers_with_report_and_exit_code(
         tmp_path: Path, settings: Settings, sci: str) -> None:
     evaluator = Evaluator(settings)
     judged = evaluator.run(sci, str(need(M2V_MPNET)), SCIFACT / "queries.jsonl", SCIFACT / "qrels" / "test.tsv")
@@ -64,9 +91,7 @@ def test_evaluate_judged_and_synthetic_with_report_and_exit_code(
     report = json.loads(done.stdout)
     assert done.returncode == {"GO": 0, "NO-GO": 1, "INCONCLUSIVE": 3}[report["verdict"]], done.stderr
 
-
-def test_evaluate_embeds_its_sample_on_the_workers(tmp_path: Path, settings: Settings, sci: str) -> None:
-    # the `sci` fixture's worker is running
+    # On the workers (the `sci` fixture's worker is running): the same figures as here.
     here = Evaluator(settings).run(sci, str(need(M2V_MPNET)), SCIFACT / "queries.jsonl",
                                    SCIFACT / "qrels" / "test.tsv", sample=60)
     remote = Evaluator(settings, on_workers=True).run(sci, str(need(M2V_MPNET)), SCIFACT / "queries.jsonl",

@@ -19,6 +19,7 @@ from reembed.models import embed_batch_size, pick_device, use_half_precision
 from reembed.pipeline import length_sorted_batches, scan_window
 from reembed.runtimes import check_backend, parse_backend
 from reembed.settings import Settings
+from worker import embedding
 from worker.embedding import embed_and_write
 
 
@@ -71,8 +72,9 @@ def test_length_sorted_batches_are_deterministic_and_complete() -> None:
 class FakeModel:
     """Records when each chunk is embedded; 'poison' texts make the model raise."""
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, delay_s: float = 0.05) -> None:
         self.batch_size = batch_size
+        self.delay_s = delay_s
         self.spec = type("Spec", (), {"name": "fake"})()
         self.fingerprint = "sha256:fake"
         self.events: list[tuple[str, float]] = []
@@ -81,11 +83,12 @@ class FakeModel:
         if any("poison" in t for t in texts):
             raise ValueError("cannot embed this")
         self.events.append(("embed", time.perf_counter()))
-        time.sleep(0.05)
+        time.sleep(self.delay_s)
         return np.ones((len(texts), 4), dtype=np.float32)
 
 
-def test_writes_overlap_the_next_embedding_and_keep_every_document() -> None:
+def test_writes_overlap_the_next_embedding_and_keep_every_document(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedding, "_write_s_per_doc", 0.001)  # what earlier writes of this process taught it
     model = FakeModel(batch_size=4)
     written: list[list[str]] = []
     in_write = threading.Event()
@@ -113,6 +116,23 @@ def test_writes_overlap_the_next_embedding_and_keep_every_document() -> None:
     assert [i for chunk in written for i in chunk] == [i for i in ids if i != "d5"]  # order kept, poison left out
     assert any(overlapped), "a chunk was embedded while the previous one was being written"
     assert timings["write"] > 0 and timings["embed"] > 0
+
+
+@pytest.mark.parametrize(("delay_s", "expected"), [(0.0, [12]), (0.05, [4, 4, 4])])
+def test_writes_start_early_only_when_embedding_the_rest_hides_them(
+        monkeypatch: pytest.MonkeyPatch, delay_s: float, expected: list[int]) -> None:
+    # Chroma's write has a fixed cost: a fast model (static, GPU) sends its batch whole; a slow
+    # one writes each chunk while it embeds the next.
+    monkeypatch.setattr(embedding, "_write_s_per_doc", 0.002)
+    sizes: list[int] = []
+
+    def write(collection: str, ids: list[str], **_: Any) -> None:
+        time.sleep(0.002 * len(ids))
+        sizes.append(len(ids))
+
+    ids = [f"d{i}" for i in range(12)]
+    done, _, _ = embed_and_write(FakeModel(4, delay_s), "target", ids, ids, [{}] * 12, write)  # type: ignore[arg-type]
+    assert done == 12 and sizes == expected
 
 
 def test_a_failed_write_is_raised_so_the_task_retries_the_batch() -> None:
