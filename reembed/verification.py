@@ -5,6 +5,7 @@ Read by the worker that finishes a migration (``pipeline.finalize``) and by ``re
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,27 @@ def diff(store: Store, record: MigrationRecord, exclude: set[str]) -> dict[str, 
     ``stale`` (changed or made by another model: to re-embed) and ``extra`` (to delete).
     """
     assert record.source_collection is not None
-    source: dict[str, str] = {}
-    for page in store.pages(record.source_collection):
-        for doc_id, text, meta in zip(page.ids, page.documents, page.metadatas, strict=True):
-            if doc_id not in exclude and text is not None and text.strip():
-                source[doc_id] = content_hash(text, meta)
-    target: dict[str, tuple[str, str]] = {}
-    for page in store.pages(record.target_collection, documents=False):
-        for doc_id, meta in zip(page.ids, page.metadatas, strict=True):
-            meta = meta or {}
-            target[doc_id] = (str(meta.get("content_hash", "")), str(meta.get("model_fingerprint", "")))
+    source_collection = record.source_collection
+
+    def read_source() -> dict[str, str]:
+        # The text is read and hashed here, not taken from a stored hash: a plain Chroma client
+        # that updates a document keeps the old metadata, hash included (Chroma merges metadata).
+        hashes: dict[str, str] = {}
+        for page in store.pages(source_collection):
+            for doc_id, text, meta in zip(page.ids, page.documents, page.metadatas, strict=True):
+                if doc_id not in exclude and text is not None and text.strip():
+                    hashes[doc_id] = content_hash(text, meta)
+        return hashes
+
+    # The two reads at once: Chroma serves them on two cores, and this process hashes meanwhile.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diff-source") as pool:
+        reading = pool.submit(read_source)
+        target: dict[str, tuple[str, str]] = {}
+        for page in store.pages(record.target_collection, documents=False):
+            for doc_id, meta in zip(page.ids, page.metadatas, strict=True):
+                meta = meta or {}
+                target[doc_id] = (str(meta.get("content_hash", "")), str(meta.get("model_fingerprint", "")))
+        source = reading.result()
     missing = [i for i in source if i not in target]
     stale = [i for i, h in source.items() if i in target and target[i] != (h, record.to_fingerprint)]
     extra = [i for i in target if i not in source]

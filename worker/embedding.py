@@ -212,6 +212,9 @@ def truncated_tokens(model: LoadedModel, ids: list[str], texts: list[str]) -> di
     return {ids[i]: n for i, n in zip(long, counts, strict=True) if n > limit}
 
 
+#: A write this large goes as soon as Chroma is free: larger ones are not faster per document
+#: (BENCHMARKS.md, "At Chroma's ceiling"), and the server then works while the model embeds.
+MIN_WRITE = 512
 #: Seconds per document of one Chroma write, as this process last measured it (starts at the
 #: single-writer rate in BENCHMARKS.md: about 800 documents/s in writes of 512).
 _write_s_per_doc = 1 / 800
@@ -225,11 +228,12 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
 
     A Chroma write has a large fixed cost (a write of 32 documents runs at a fraction of the
     rate of one of 512), so writes should be large; but the model idles while a write it waits
-    for runs. A write therefore starts before the batch is embedded, with what is embedded so
-    far, only when the rest of the batch will keep the model busy for at least as long as that
-    write takes: then it is hidden (a transformer on a CPU). When embedding is fast next to
-    writing (a static model, a GPU), the batch goes to Chroma whole, in one write. At most one
-    write is in flight, so memory stays one batch deep.
+    for runs, and Chroma idles while the model embeds. So whenever Chroma is free, what is
+    embedded so far is written if it is a large write (``MIN_WRITE``: the server works while
+    the model embeds the rest), or if the rest of the batch will keep the model busy for at
+    least as long as that write takes (a transformer on a CPU: the write is hidden). Otherwise
+    (a fast model, a small batch) it waits to be part of a larger write. At most one write is
+    in flight, so memory stays one batch deep.
 
     Returns:
         (documents written, {id: reason} of failures, seconds spent embedding / writing / waiting).
@@ -264,7 +268,7 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
             rest = len(ids) - embedded
             if ready and rest and (pending is None or pending.done()):
                 hidden_for = rest * timings["embed"] / embedded  # the model's time for the rest of the batch
-                if hidden_for >= len(ready) * _write_s_per_doc:
+                if len(ready) >= MIN_WRITE or hidden_for >= len(ready) * _write_s_per_doc:
                     if pending is not None:
                         pending.result()  # finished: raises the write's error (RetryableError: the task retries)
                     pending = writer.submit(timed_write, ready)

@@ -215,7 +215,7 @@ def test_signals_stop_what_a_command_started_and_sigkill_orphans_are_taken_over(
     stack running: the next command says so in one line, reuses it, and stops it when it ends;
     the lost batches come back at once, not after the visibility timeout (600 s)."""
     minilm, mpnet = str(need(M2V_MINILM)), str(need(M2V_MPNET))
-    ingest = folder.start("ingest", "docs", str(scifact(tmp_path, 1500)), "--model", minilm, "--batch-size", "4")
+    ingest = folder.start("ingest", "docs", str(scifact(tmp_path, 600)), "--model", minilm, "--batch-size", "4")
     ingest_id = wait_until(lambda: _latest(folder), "the ingest starts")
     wait_until(lambda: folder.ok("status", ingest_id)["done"] > 0, "the first batch is written")
     ingest.send_signal(signal.SIGTERM)
@@ -223,7 +223,7 @@ def test_signals_stop_what_a_command_started_and_sigkill_orphans_are_taken_over(
     assert ingest.communicate()[1].strip().splitlines()[-1] == "reembed: error: stopped by SIGTERM"
     folder.assert_nothing_left()
     resumed = folder.ok("resume", ingest_id)
-    assert resumed["state"] == "live" and resumed["done"] == 1500, resumed
+    assert resumed["state"] == "live" and resumed["done"] == 600, resumed
     folder.assert_nothing_left()
 
     migrate = folder.start("migrate", "docs", "--to", mpnet, "--batch-size", "4", "--json")
@@ -243,11 +243,11 @@ def test_signals_stop_what_a_command_started_and_sigkill_orphans_are_taken_over(
     folder.assert_nothing_left()  # the last user out stopped what the killed command left
     started = time.monotonic()
     final = folder.ok("resume", migration_id)
-    assert final["state"] == "live" and final["done"] == 1500, final
+    assert final["state"] == "live" and final["done"] == 600, final
     assert time.monotonic() - started < 300, "resume waited for the visibility timeout"
     folder.assert_nothing_left()
     served = folder.collection(final["target_collection"])
-    assert len(served) == 1500
+    assert len(served) == 600
 
 
 def _latest(folder: Folder, kind: str = "ingest") -> str | None:
