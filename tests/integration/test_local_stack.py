@@ -150,7 +150,7 @@ def test_two_terminals_share_one_stack(folder: Folder, tmp_path: Path) -> None:
     """migrate --wait in one terminal; status, pause, a second migrate, search and resume in
     another: each succeeds or is refused cleanly, and one Redis and one Chroma serve them all."""
     minilm, mpnet = str(need(M2V_MINILM)), str(need(M2V_MPNET))
-    corpus = scifact(tmp_path, 1200)
+    corpus = scifact(tmp_path, 600)
     folder.ok("ingest", "docs", str(corpus), "--model", minilm, "--batch-size", "64")
     folder.assert_nothing_left()
 
@@ -168,13 +168,13 @@ def test_two_terminals_share_one_stack(folder: Folder, tmp_path: Path) -> None:
     assert resume.wait(timeout=COMMAND_S) == 0, resume.communicate()[1][-2000:]
     assert migrate.wait(timeout=COMMAND_S) == 0, migrate.communicate()[1][-2000:]
     final = json.loads(migrate.communicate()[0])
-    assert final["state"] == "live" and final["done"] == 1200, final
+    assert final["state"] == "live" and final["done"] == 600, final
     folder.end_census()
     folder.assert_one_of_each()
     folder.assert_nothing_left()
 
     served = folder.collection(final["target_collection"])
-    assert len(served) == 1200
+    assert len(served) == 600
     assert {m["model_fingerprint"] for _, m in served.values()} == {final["to_fingerprint"]}
 
 
