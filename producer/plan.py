@@ -166,7 +166,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
         "workers": workers, "effective_workers": effective, "model_docs_per_s": round(model_rate, 2),
         "chroma_write_docs_per_s": round(write_rate, 2), "chroma_probe_documents": PROBE_DOCS,
         "bound_by": bound_by, "docs_per_s": round(rate, 2), "estimated_wall_s": round(len(texts) / rate, 3),
-        # Chroma-bound: each batch is one write, and the server takes large writes best.
+        # Chroma-bound: large batches make large writes, which the server takes best.
         "suggested_batch_size": MAX_BATCH_SIZE if bound_by == "chroma" else settings.batch_size,
         "storage_vectors_bytes": vectors_bytes,
         "storage_overhead_bytes_per_document": round(overhead),
