@@ -235,8 +235,6 @@ def run_growth(sizes: list[int], batch_size: int) -> dict[str, Any]:
             out["sizes"][size] = row
             (work / f"{alias}.jsonl").unlink(missing_ok=True)
             corpus.unlink(missing_ok=True)
-            if size != max(sizes):  # keep the disk for the largest
-                control.retire_candidates(alias)
     return out
 
 

@@ -86,9 +86,8 @@ def scan_page(store: Store, migration_id: str, source: str, cursor: int, limit: 
     and reads each window's documents by id, at a cost that does not grow with the position.
     """
     listed = _listed.get(migration_id)
-    fresh = listed is not None and time.monotonic() - listed[0] < LISTED_TTL_S
-    if not (fresh and listed is not None and listed[1] <= cursor
-            and cursor + limit <= listed[1] + len(listed[2])):
+    if (listed is None or time.monotonic() - listed[0] >= LISTED_TTL_S
+            or not listed[1] <= cursor <= cursor + limit <= listed[1] + len(listed[2])):
         while len(_listed) >= LISTED_KEPT:  # a control worker lives through many migrations
             del _listed[min(_listed, key=lambda k: _listed[k][0])]
         listed = _listed[migration_id] = (time.monotonic(), cursor, store.ids(source, cursor, max(ID_CHUNK, limit)))
