@@ -103,7 +103,7 @@ def migrate(local: LocalStack, control: ControlPlane, alias: str, workers: int, 
             "searches": {"ok": load.ok, "failed": len(load.failed), "p50_ms": percentile(load.latency_ms, 50),
                          "p95_ms": percentile(load.latency_ms, 95)},
             "diff_s": _logged_seconds(local.settings.data_dir / "control.log", record.id, "source and target diffed"),
-            "migration_id": record.id, "target": record.target_collection,
+            "migration_id": record.id, "target": record.target_collection, "source": record.source_collection,
         }
         timings = Progress(control.redis, record.id).timings()
         batches = max(timings.pop("batches", 1), 1)
@@ -145,6 +145,38 @@ def raw_add(store: Store, settings: Settings, source: str, size: int) -> float:
                        metadatas=rows[i:i + size])
     rate = len(ids) / (time.perf_counter() - started)
     store.delete(name)
+    return rate
+
+
+PROBE_DOCS = 8192
+
+
+def add_probe(store: Store, settings: Settings, source: str, into: str | None) -> float:
+    """Chroma's own ``add`` rate, in batches of 2,048, of 8,192 of ``source``'s documents (model B
+    vectors, new ids) into ``into`` as it stands (then removed again), or into a fresh collection
+    when ``into`` is None: the two together say how much of a slower migration at size n is
+    Chroma taking writes into a bigger collection."""
+    model = load_configured(settings, str(STATIC_B))
+    page = store.get(source, store.ids(source, 0, PROBE_DOCS))
+    docs = [d or "" for d in page.documents]
+    vectors = model.embed_documents(docs)
+    rows = [provenance(model, d, m) for d, m in zip(docs, page.metadatas, strict=True)]
+    ids = [f"probe-{i}" for i in range(len(docs))]
+    name = into or "ceiling-probe"
+    if into is None:
+        if store.exists(name):
+            store.delete(name)
+        store.create(name, {"bench": "ceiling"})
+    collection = store.collection(name)
+    started = time.perf_counter()
+    for i in range(0, len(ids), 2048):
+        collection.add(ids=ids[i:i + 2048], embeddings=vectors[i:i + 2048], documents=docs[i:i + 2048],
+                       metadatas=rows[i:i + 2048])
+    rate = len(ids) / (time.perf_counter() - started)
+    if into is None:
+        store.delete(name)
+    else:
+        collection.delete(ids=ids)
     return rate
 
 
@@ -223,6 +255,11 @@ def run_growth(sizes: list[int], batch_size: int) -> dict[str, Any]:
             started = time.perf_counter()
             control.cutover(alias)
             row["cutover_s"] = time.perf_counter() - started
+            # The old collection, now out of service, holds ``size`` documents: Chroma's add rate into it
+            # against its rate into an empty one.
+            row["add_empty_docs_per_s"] = add_probe(store, local.settings, row["target"], None)
+            row["add_full_docs_per_s"] = add_probe(store, local.settings, row["target"], row["source"])
+            print(size, "add probes", row["add_empty_docs_per_s"], row["add_full_docs_per_s"], flush=True)
             started = time.perf_counter()
             index = IndexManager(work / "bm25-bench", store).rebuild(row["target"])
             row["bm25_build_s"] = time.perf_counter() - started
@@ -282,11 +319,13 @@ def report_growth(r: dict[str, Any]) -> None:
         "recombined with five metadata keys, one `chroma run`, a hybrid search every 0.2 s during each migration. "
         "*Diff*: the verification that source and target agree (ids, content hashes, fingerprints); *cutover*: "
         "`reembed cutover` (catch-up check and the alias switch); *BM25 build*: the new collection's index, read "
-        "from Chroma, built and written.",
+        "from Chroma, built and written; *Chroma add*: plain `add` of 8,192 documents in batches of 2,048 into an "
+        "empty collection and into the old collection of n documents after the cutover (then deleted).",
         "",
-        "| documents | ingest docs/s | migrate docs/s | ÷ 10k rate | worker peak RSS MB | Redis peak MB | diff s "
+        "| documents | ingest docs/s | migrate docs/s | ÷ 10k rate | Chroma add docs/s, empty / n-doc collection "
+        "| worker peak RSS MB | Redis peak MB | diff s "
         "| cutover s | BM25 build s | BM25 on disk MB | searches ok / failed | search p50 / p95 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     sizes = sorted(r["sizes"], key=int)
     base = r["sizes"][sizes[0]]["docs_per_s"]
@@ -294,7 +333,9 @@ def report_growth(r: dict[str, Any]) -> None:
         x = r["sizes"][size]
         s = x["searches"]
         lines.append(f"| {int(size):,} | {x['ingest_docs_per_s']:.0f} | {x['docs_per_s']:.0f} | "
-                     f"{x['docs_per_s'] / base:.2f} | {x['worker_peak_rss_mb']:.0f} | {x['redis_peak_mb']:.1f} | "
+                     f"{x['docs_per_s'] / base:.2f} | {x.get('add_empty_docs_per_s', float('nan')):.0f} / "
+                     f"{x.get('add_full_docs_per_s', float('nan')):.0f} | "
+                     f"{x['worker_peak_rss_mb']:.0f} | {x['redis_peak_mb']:.1f} | "
                      f"{x['diff_s'] or float('nan'):.1f} | {x['cutover_s']:.2f} | {x['bm25_build_s']:.1f} | "
                      f"{x['bm25_disk_mb']:.0f} | {s['ok']} / {s['failed']} | {s['p50_ms']:.0f} / {s['p95_ms']:.0f} |")
     scan = next((r["sizes"][s]["scan"] for s in sizes if "scan" in r["sizes"][s]), None)
