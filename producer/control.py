@@ -32,7 +32,7 @@ from reembed.errors import (
 from reembed.lifecycle import FINAL_STATES, Migration, unfinished
 from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
 from reembed.migrations import check_alias_name, start_ingest, start_migration
-from reembed.models import fingerprint, resolve_model
+from reembed.models import fingerprint, resolve_configured
 from reembed.pipeline import Feeder
 from reembed.progress import alias_lock, redis_client
 from reembed.queue import client_app
@@ -113,7 +113,7 @@ class ControlPlane:
             raise InputError(
                 f"collection {collection!r} records no sentence-transformers model; name it with --model"
             )
-        spec = resolve_model(claimed)
+        spec = resolve_configured(self.settings, claimed)
         fp = fingerprint(spec, self.settings.data_dir)
         if not self.outbox.workers(self.settings.worker_wait_s):
             raise QueueUnavailableError(f"no reembed worker is running to check the vectors of {collection!r}; "

@@ -27,7 +27,7 @@ import numpy as np
 
 from reembed.documents import provenance
 from reembed.errors import InputError, ReembedError
-from reembed.models import LoadedModel, load_configured, resolve_model
+from reembed.models import LoadedModel, load_configured, resolve_configured
 from reembed.registry import PlanRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
 from reembed.store import Store
@@ -106,7 +106,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     registry = Registry(store)
     current = registry.get_alias(alias)
     live = registry.get_collection(current.live_collection)
-    spec = resolve_model(to_model)
+    spec = resolve_configured(settings, to_model)
     ids: list[str] = []
     texts: list[str] = []
     metadatas: list[dict[str, Any] | None] = []

@@ -24,7 +24,7 @@ from reembed.errors import (
 )
 from reembed.lifecycle import Migration, unfinished
 from reembed.messages import Outbox
-from reembed.models import ModelSpec, fingerprint, recorded_name, resolve_model
+from reembed.models import ModelSpec, fingerprint, recorded_name, resolve_configured
 from reembed.progress import alias_lock
 from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, PlanRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
@@ -95,7 +95,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
     if cutover not in ("auto", "manual"):
         raise InputError(f"cutover {cutover!r}: use auto or manual")
     size = check_batch_size(batch_size, settings)
-    spec = resolve_model(to_model)
+    spec = resolve_configured(settings, to_model)
     to_fingerprint = fingerprint(spec, settings.data_dir)
     with alias_lock(client, alias):
         alias_record = registry.get_alias(alias)
@@ -138,7 +138,7 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
     """
     check_alias_name(alias)
     size = check_batch_size(batch_size, settings)
-    spec = resolve_model(model)
+    spec = resolve_configured(settings, model)
     to_fingerprint = fingerprint(spec, settings.data_dir)
     total, empty = validate_corpus(file)
     if empty and not skip_missing_text:
@@ -174,7 +174,7 @@ def _create_target(store: Store, registry: Registry, record: MigrationRecord, sp
     metadata.update({"reembed_model": spec.name, "reembed_fingerprint": record.to_fingerprint,
                      "reembed_migration": record.id, "reembed_alias": record.alias})
     store.create(record.target_collection, metadata=metadata, hnsw=hnsw, model_name=recorded_name(spec),
-                 normalize=spec.normalize)
+                 normalize=spec.normalize, openai_config=spec.api.chroma_config() if spec.api else None)
     registry.put_collection(CollectionRecord(
         name=record.target_collection, model=spec.name, fingerprint=record.to_fingerprint,
         dimension=spec.dimension, origin=origin, migration_id=record.id,

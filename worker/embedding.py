@@ -70,8 +70,8 @@ def embed_isolating(embed: Callable[[list[str]], np.ndarray], ids: list[str], te
         if not np.all(np.isfinite(vectors)):
             raise ValueError("the model returned NaN or infinite values")
         return list(range(len(texts))), vectors, {}
-    except RetryableError:
-        raise
+    except (RetryableError, ModelError):
+        raise  # the endpoint or the model, not a document: splitting would not help
     except Exception as exc:  # a poison document: anything the model itself raises
         if len(texts) == 1:
             return [], None, {ids[0]: f"{type(exc).__name__}: {exc}"[:500]}
@@ -168,6 +168,14 @@ def reembed_batch(
     try:
         written, failed, timings = embed_and_write(model, record.target_collection, ids, message.documents,
                                                    message.metadatas, write)
+    except ModelError as exc:
+        # A model behind an API that changed (its probe moved), answered the wrong dimension or
+        # refused the key: stop before another vector is written. What this batch wrote is
+        # rewritten by id on resume, so nothing is counted twice.
+        with contextlib.suppress(MigrationStateError):
+            migration.fail(f"a worker cannot embed with {record.to_model!r}: {exc}")
+        outcome.dropped = f"migration failed: {exc}"
+        return outcome
     except CollectionNotFoundError:
         if registry.get_migration(migration_id).state == MigrationState.CANCELLED:
             outcome.dropped = "migration was cancelled"
