@@ -61,12 +61,21 @@ def main(ctx: click.Context) -> None:
 @json_option
 @click.pass_obj
 def models(settings: Settings, as_json: bool) -> None:
-    """The known models: dimension, whether installed, where the weights are, fingerprint."""
+    """The known models and those the models file declares (REEMBED_MODELS_FILE): dimension,
+    whether installed (for an API model: whether its key variable is set), fingerprint."""
+    from reembed.api_models import api_spec, declared_models
     from reembed.models import KNOWN_MODELS, describe
 
-    rows = [describe(spec, settings.data_dir) for spec in KNOWN_MODELS.values()]
-    text = "\n".join(f"{r['name']:<20} {r['dimension']:>4}-d  "
-                     f"{(r['fingerprint'] or 'not installed: ' + r['install_hint'])}" for r in rows)
+    specs = [*KNOWN_MODELS.values(), *(api_spec(d) for d in declared_models(settings.models_file).values())]
+    rows = [describe(spec, settings.data_dir) for spec in specs]
+
+    def state(row: dict[str, Any]) -> str:
+        if row["kind"] == "api":
+            return f"{row['fingerprint']}  {row['base_url']}" + (
+                "" if row["installed"] else f"  (set {row['api_key_env']} to use it)")
+        return str(row["fingerprint"] or "not installed: " + row["install_hint"])
+
+    text = "\n".join(f"{r['name']:<20} {r['dimension']:>4}-d  {state(r)}" for r in rows)
     emit(as_json, {"models": rows}, text)
 
 

@@ -127,8 +127,16 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Every secret value of these settings, for the log redactor."""
-        return tuple(v for v in (self.api_key, *(value for _, value in self.chroma_headers)) if v)
+        """Every secret value of these settings, for the log redactor: the search key, Chroma's
+        headers, and the API keys of the models the models file declares."""
+        from reembed.api_models import declared_models  # here: api_models needs settings' neighbours
+
+        try:
+            declared = list(declared_models(self.models_file).values())
+        except ConfigError:
+            declared = []  # reported where the models are used; the redactor must still start
+        keys = [os.environ.get(d.api_key_env, "") for d in declared if d.api_key_env]
+        return tuple(v for v in (self.api_key, *(value for _, value in self.chroma_headers), *keys) if v)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
