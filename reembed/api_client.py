@@ -63,6 +63,16 @@ class Limiter(Protocol):
         """The server answered 429: nobody should send for ``wait_s`` seconds."""
 
 
+class Meter(Protocol):
+    """Asked before each request what it may spend, told after what it did (``reembed.budget``)."""
+
+    def reserve(self, tokens: int) -> float:
+        """Reserve a request's estimated cost; raises when it could pass the budget."""
+
+    def settle(self, reserved: float, tokens: int) -> None:
+        """The request used ``tokens`` (0: never answered)."""
+
+
 class NoLimit:
     """No shared limit: requests go as fast as retries allow."""
 
@@ -208,6 +218,8 @@ class EmbeddingClient:
                  transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
         self.endpoint = endpoint
         self.limiter: Limiter = limiter or NoLimit()
+        #: Set by a worker for the batch it runs (one at a time per process): the migration's budget.
+        self.meter: Meter | None = None
         self.usage = Usage()
         self._sleep = sleep
         self._http = httpx.Client(timeout=httpx.Timeout(endpoint.timeout_s, connect=min(10.0, endpoint.timeout_s)),
@@ -248,6 +260,18 @@ class EmbeddingClient:
         return vectors, [a[0] for a in answers] if probe else []
 
     def _request(self, inputs: list[str], tokens: int) -> np.ndarray:
+        meter = self.meter
+        reserved = meter.reserve(tokens) if meter is not None else 0.0  # may raise: the request never goes
+        used = 0
+        try:
+            vectors, used = self._send(inputs, tokens)
+            return vectors
+        finally:
+            if meter is not None:
+                meter.settle(reserved, used)
+
+    def _send(self, inputs: list[str], tokens: int) -> tuple[np.ndarray, int]:
+        """One request, tried until it is answered or the retries run out; (vectors, tokens used)."""
         body: dict[str, Any] = {"model": self.endpoint.model, "input": inputs, "encoding_format": "base64"}
         if self.endpoint.dimensions:
             body["dimensions"] = self.endpoint.dimensions
@@ -274,8 +298,9 @@ class EmbeddingClient:
                     raise ModelError(f"{self.what} answered 200 with a body that is not JSON") from None
                 vectors = decode_vectors(payload, len(inputs), self.endpoint.dimension, self.what)
                 reported = (payload.get("usage") or {}).get("prompt_tokens")
-                self.usage.add(len(inputs), int(reported) if isinstance(reported, int) else tokens)
-                return vectors
+                used = int(reported) if isinstance(reported, int) else tokens
+                self.usage.add(len(inputs), used)
+                return vectors, used
             status, detail = response.status_code, _detail(response)
             if status in RETRY_STATUSES:
                 asked = retry_after_s(response.headers)

@@ -24,6 +24,7 @@ endpoint mid-migration is caught at the next request, before any of its vectors 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,13 +32,14 @@ import os
 import re
 import threading
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from reembed.api_client import EmbeddingClient, Endpoint, Limiter
+from reembed.api_client import EmbeddingClient, Endpoint, Limiter, Meter
 from reembed.errors import ConfigError, ModelMismatchError, ModelNotFoundError
 from reembed.models import PROBE_MIN_COSINE, PROBE_TEXT, LoadedModel, ModelSpec, probe_cosine
 
@@ -308,6 +310,14 @@ class ApiModel(LoadedModel):
                     f"Point the declaration of {self.spec.name!r} back at the model the migration started with, or "
                     "start a new migration")
         return vectors
+
+    @contextlib.contextmanager
+    def metered(self, meter: Meter) -> Iterator[None]:
+        self.client.meter = meter
+        try:
+            yield
+        finally:
+            self.client.meter = None
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return self.tokens.count(texts)

@@ -17,6 +17,7 @@
     │   └── StoreUnavailableError   (also RetryableError)
     ├── QueueUnavailableError       Redis (also RetryableError)
     ├── ApiUnavailableError         an embeddings endpoint kept failing (also RetryableError)
+    ├── BudgetReachedError          a migration's --max-cost would be passed (pauses it)
     ├── AliasNotFoundError
     ├── AliasExistsError
     ├── MigrationNotFoundError
@@ -109,6 +110,11 @@ class QueueUnavailableError(RetryableError):
 
 class ApiUnavailableError(RetryableError):
     """An embeddings endpoint did not answer within its retries (down, overloaded, rate-limited)."""
+
+
+class BudgetReachedError(RetryableError):
+    """The next request to an API model could pass the migration's ``--max-cost``: the migration
+    pauses (resumable with a higher limit) and the batch waits in the queue."""
 
 
 class AliasNotFoundError(ReembedError):

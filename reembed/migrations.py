@@ -85,7 +85,7 @@ def _recent_plan(registry: Registry, alias: str, source: str, to_model: str) -> 
 def start_migration(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,
                     alias: str,
                     to_model: str, batch_size: int | None = None, cutover: Literal["auto", "manual"] | str = "auto",
-                    skip_missing_text: bool = False) -> MigrationRecord:
+                    skip_missing_text: bool = False, max_cost: float | None = None) -> MigrationRecord:
     """Check everything, create the target collection, record the migration as running.
 
     Raises:
@@ -116,7 +116,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
             alias=alias, source_collection=source, target_collection="", from_model=source_record.model,
             to_model=spec.name, to_fingerprint=to_fingerprint, batch_size=size, cutover=cutover,
             skip_missing_text=skip_missing_text, total=total, skipped=len(missing),
-            plan=_recent_plan(registry, alias, source, spec.name),
+            plan=_recent_plan(registry, alias, source, spec.name), **budget_fields(spec, max_cost),
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "migration")
@@ -129,7 +129,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
 def start_ingest(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,
                  alias: str,
                  file: Path, model: str, batch_size: int | None = None,
-                 skip_missing_text: bool = False) -> MigrationRecord:
+                 skip_missing_text: bool = False, max_cost: float | None = None) -> MigrationRecord:
     """Validate a corpus file whole, then create the alias's first collection and record the ingest.
 
     Raises:
@@ -151,6 +151,7 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
             kind="ingest", alias=alias, source_collection=None, source_file=str(file.resolve()),
             target_collection="", from_model=None, to_model=spec.name, to_fingerprint=to_fingerprint,
             batch_size=size, skip_missing_text=skip_missing_text, total=total, skipped=len(empty),
+            **budget_fields(spec, max_cost),
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "ingest")
@@ -158,6 +159,21 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
     log.info("ingest started", migration_id=record.id, alias=alias, collection=record.target_collection,
              model=spec.name, total=total)
     return record
+
+
+def budget_fields(spec: ModelSpec, max_cost: float | None) -> dict[str, Any]:
+    """The price a migration is charged at and its limit (``--max-cost``), checked.
+
+    Raises:
+        InputError: a limit for a model that costs nothing per request, or a negative one.
+    """
+    if max_cost is not None:
+        if spec.api is None:
+            raise InputError(f"--max-cost applies to a model behind an API; {spec.name!r} runs in the workers "
+                             "and costs nothing per request")
+        if max_cost < 0:
+            raise InputError(f"--max-cost {max_cost} is negative: give the most this migration may spend")
+    return {"max_cost": max_cost, "price_per_million_tokens": spec.price_per_million_tokens}
 
 
 def _create_target(store: Store, registry: Registry, record: MigrationRecord, spec: ModelSpec,

@@ -10,11 +10,12 @@ the recorded one is refused (same files, different maths: a quantised or fp16 ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from reembed.weights import LocalDirectory, PipPackage, SplitZip, WeightSource
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from reembed.api_client import Meter
     from reembed.api_models import ApiModelDeclaration
     from reembed.settings import Settings
 
@@ -298,6 +300,12 @@ class LoadedModel:
                 convert_to_numpy=True, show_progress_bar=False,
             )
         return np.asarray(vectors, dtype=np.float32)
+
+    @contextlib.contextmanager
+    def metered(self, meter: Meter) -> Iterator[None]:
+        """Charge what embedding costs meanwhile to ``meter`` (a migration's budget). A model
+        run here costs nothing per request; ``ApiModel`` overrides this."""
+        yield
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text with this model's tokenizer (before truncation)."""

@@ -20,7 +20,9 @@ import redis
 import structlog
 
 from reembed.documents import provenance
+from reembed.budget import Budget
 from reembed.errors import (
+    BudgetReachedError,
     CollectionNotFoundError,
     InputError,
     MigrationStateError,
@@ -166,8 +168,15 @@ def reembed_batch(
     write = store.add if (deliveries == 1 and message.write == "add") else store.upsert
     book = time.perf_counter() - started
     try:
-        written, failed, timings = embed_and_write(model, record.target_collection, ids, message.documents,
-                                                   message.metadatas, write)
+        with model.metered(Budget(progress, record.price_per_million_tokens)):
+            written, failed, timings = embed_and_write(model, record.target_collection, ids, message.documents,
+                                                       message.metadatas, write)
+    except BudgetReachedError as exc:
+        # The next request could pass --max-cost: nothing more is sent. What this batch wrote is
+        # rewritten by id when it runs again after `resume --max-cost`, so nothing counts twice.
+        with contextlib.suppress(MigrationStateError):
+            migration.pause(str(exc))
+        raise PausedError(str(exc)) from None
     except ModelError as exc:
         # A model behind an API that changed (its probe moved), answered the wrong dimension or
         # refused the key: stop before another vector is written. What this batch wrote is

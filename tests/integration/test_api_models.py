@@ -10,6 +10,7 @@ the stored text, asked here without reembed's client.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -168,3 +169,35 @@ def test_the_rate_limit_is_shared_by_every_process_of_an_endpoint(redis_url: str
     tokens.observe({"x-ratelimit-remaining-tokens": "0"})  # the server's stricter view wins
     assert tokens._run("acquire", 1) > 0
     assert not [k for k in client.keys("reembed:ratelimit:*") if b"http" in k]  # a digest, never a URL
+
+
+def test_the_budget_pauses_within_one_request_and_resume_raises_it(
+        api_settings: Settings, chroma: ChromaServer, infinity: str, proxy: FaultProxy,
+        start_workers: Callable[..., Workers], tmp_path: Path) -> None:
+    # A price per million tokens (infinity reports characters as its tokens), one request at a
+    # time: the spend may pass the limit by at most the one request in flight when it was reached.
+    file = Path(api_settings.models_file_setting)
+    file.write_text(file.read_text().replace("concurrency = 2", "concurrency = 1\nprice_per_million_tokens = 1.0"))
+    start_workers(1, models_file_setting=api_settings.models_file_setting)
+    control = ControlPlane(api_settings)
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", DOCS)
+    ids = [json.loads(line)["_id"] for line in corpus.read_text().splitlines()]
+    texts = sorted((json.loads(line)["title"] + json.loads(line)["text"] for line in corpus.read_text().splitlines()),
+                   key=len)
+    one_request = (sum(len(t) for t in texts[-16:]) + 200) / 1e6  # the costliest request, generously
+    limit = 0.04
+
+    record = control.ingest("papers", corpus, API_MODEL, batch_size=20, max_cost=limit)
+    deadline = time.monotonic() + 120
+    while (status := control.status(record.id))["state"] != "paused" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status["state"] == "paused" and "reached its budget" in status["error"]
+    time.sleep(2)  # nothing more goes out while paused
+    status = control.status(record.id)
+    assert limit - one_request < status["cost"] <= limit + one_request and status["tokens"] > 0
+    assert status["max_cost"] == limit
+
+    control.resume(record.id, max_cost=1.0)
+    wait_for(control, record.id, MigrationState.LIVE)
+    assert_server_vectors(chroma, record.target_collection, infinity, ids)
+    assert control.status(record.id)["cost"] <= 1.0
