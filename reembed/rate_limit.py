@@ -25,6 +25,7 @@ import redis
 import structlog
 
 from reembed.api_client import Limiter, NoLimit
+from reembed.progress import redis_client
 
 if TYPE_CHECKING:
     from reembed.api_models import ApiModelDeclaration
@@ -130,5 +131,5 @@ def limiter_for(decl: ApiModelDeclaration, redis_url: str) -> Limiter:
     one-off ``evaluate`` on a laptop): then only the server's 429s slow it down."""
     if not redis_url:
         return NoLimit()
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
-    return RedisLimiter(client, endpoint_key(decl), decl.requests_per_minute, decl.tokens_per_minute)
+    return RedisLimiter(redis_client(redis_url), endpoint_key(decl), decl.requests_per_minute, decl.tokens_per_minute)
+

@@ -42,15 +42,16 @@ def minilm_dir() -> Path:
 
 
 @contextmanager
-def infinity_server(log: Path) -> Iterator[str]:
-    """``infinity_emb v2`` on a free loopback port; yields its base URL (``…/v1``)."""
+def infinity_server(log: Path, threads: int = 1) -> Iterator[str]:
+    """``infinity_emb v2`` on a free loopback port, its torch on ``threads`` threads; yields its
+    base URL (``…/v1``)."""
     if not INFINITY.exists():
         if os.environ.get("CI"):
             raise FileNotFoundError(f"{INFINITY} is missing: run scripts/install.sh")
         pytest.skip("infinity-emb is not installed (scripts/install.sh makes .venv-infinity)")
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(INFINITY), "v2", "--model-id", str(minilm_dir()), "--served-model-name", "minilm",
@@ -100,6 +101,7 @@ class FaultProxy:
         self.swap_after: int | None = None
         self.requests = 0
         self.served: dict[str, int] = {}
+        self.authorizations: set[str] = set()  # the Authorization headers seen
         self.lock = threading.Lock()
         self.http = httpx.Client(timeout=300)
         proxy = self
@@ -115,6 +117,7 @@ class FaultProxy:
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with proxy.lock:
+                    proxy.authorizations.add(self.headers.get("authorization", ""))
                     proxy.requests += 1
                     number = proxy.requests
                     fault = proxy.faults.pop(0) if proxy.faults else None

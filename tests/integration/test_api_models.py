@@ -10,9 +10,11 @@ the stored text, asked here without reembed's client.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import chromadb
 import numpy as np
@@ -201,3 +203,42 @@ def test_the_budget_pauses_within_one_request_and_resume_raises_it(
     wait_for(control, record.id, MigrationState.LIVE)
     assert_server_vectors(chroma, record.target_collection, infinity, ids)
     assert control.status(record.id)["cost"] <= 1.0
+
+
+def test_the_embedded_stack_reads_the_models_file_and_never_shows_the_key(
+        proxy: FaultProxy, infinity: str, tmp_path: Path) -> None:
+    """What a new user runs: the data folder's own Redis and Chroma, the declaration in its
+    default place (DATA_DIR/models.toml), the key in the environment; the key is sent, never shown."""
+    import subprocess
+    import sys
+
+    secret = "sk-embedded-3f9a1c77e2b84d0c"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models.toml").write_text(
+        f'[models."{API_MODEL}"]\nbase_url = "{proxy.url}"\nmodel = "minilm"\ndimension = 384\n'
+        f'api_key_env = "TEST_EMBEDDINGS_KEY"\ntokenizer = "{minilm_dir()}"\nmax_input_tokens = 256\n'
+        'price_per_million_tokens = 0.5\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REEMBED_")}
+    env.update(REEMBED_DATA_DIR=str(data), HF_HUB_OFFLINE="1", REEMBED_LOG_FORMAT="json",
+               TEST_EMBEDDINGS_KEY=secret)
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", 30)
+
+    def reembed(*args: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-m", "cli.main", *args, "--json"], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert secret not in done.stdout + done.stderr
+        return dict(json.loads(done.stdout))
+
+    listed = {m["name"]: m for m in reembed("models")["models"]}
+    assert listed[API_MODEL]["installed"] and listed[API_MODEL]["api_key_env"] == "TEST_EMBEDDINGS_KEY"
+    status = reembed("ingest", "papers", str(corpus), "--model", API_MODEL, "--wait")
+    assert status["state"] == "live" and status["done"] == 30 and status["tokens"] > 0 and status["cost"] > 0
+    title = json.loads(corpus.read_text().splitlines()[5])["title"]
+    hits = reembed("search", "papers", title, "--mode", "semantic")
+    assert json.loads(corpus.read_text().splitlines()[5])["_id"] in [h["id"] for h in hits["results"]][:3]
+    assert proxy.authorizations == {f"Bearer {secret}"}
+    for file in data.rglob("*"):  # logs, Chroma's files, the embedded Redis's dump
+        if file.is_file():
+            assert secret.encode() not in file.read_bytes(), file
