@@ -89,7 +89,7 @@ class PlanRecord(BaseModel):
     documents: int
     workers: int
     docs_per_s: float
-    bound_by: Literal["model", "chroma"]
+    bound_by: Literal["model", "chroma", "rate_limit"]
     wall_s: float
     created_at: float = Field(default_factory=time.time)
 

@@ -22,6 +22,7 @@ import pytest
 
 from cli.services import ChromaServer, Workers
 from producer import ControlPlane
+from producer.plan import plan
 from reembed.registry import MigrationState
 from reembed.settings import Settings
 from search.searcher import Searcher
@@ -129,6 +130,15 @@ def test_a_wrong_dimension_or_a_swapped_model_stops_with_nothing_mixed(
     ids = [json.loads(line)["_id"] for line in corpus.read_text().splitlines()]
     ingest = control.ingest("papers", corpus, str(need(M2V_MINILM)), batch_size=20)
     wait_for(control, ingest.id, MigrationState.LIVE)
+
+    # plan: the endpoint's rate measured on a sample, capped by the declared limit (60 requests a
+    # minute of 15 documents and the probe: 15 documents/s), priced (nothing: no price declared).
+    file = Path(api_settings.models_file_setting)
+    file.write_text(file.read_text() + "requests_per_minute = 60\n")
+    planned = plan(api_settings, "papers", API_MODEL, workers=2, sample=20)
+    assert planned["rate_limit_docs_per_s"] == 15.0 and planned["docs_per_s"] <= 15.0
+    assert planned["api_request_s"] > 0 and planned["api_requests_measured"] >= 1
+    assert planned["tokens"] > 0 and planned["api_cost"] == 0.0 and planned["device"] == "api"
 
     proxy.faults = [None, None, None, ("dimension",)]
     record = control.migrate("papers", API_MODEL, batch_size=10, cutover="manual")
