@@ -32,6 +32,7 @@ from reembed.errors import (
 from reembed.lifecycle import FINAL_STATES, Migration, unfinished
 from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
 from reembed.migrations import budget_fields, check_alias_name, start_ingest, start_migration
+from reembed.api_models import declared_for_openai, declared_models
 from reembed.models import fingerprint, resolve_configured
 from reembed.pipeline import Feeder
 from reembed.progress import alias_lock, redis_client
@@ -110,6 +111,9 @@ class ControlPlane:
             raise InputError(f"collection {collection!r} is empty; there is nothing to verify a model against")
         ef = self.store.configuration(collection).get("embedding_function") or {}
         declared = (ef.get("config") or {}).get("model_name") if ef.get("name") == "sentence_transformer" else None
+        if ef.get("name") == "openai" and not model:
+            declared = declared_for_openai(declared_models(self.settings.models_file), ef.get("config") or {},
+                                           collection, self.settings.models_file)
         claimed = model or declared
         if not claimed:
             raise InputError(

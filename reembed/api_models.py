@@ -202,6 +202,31 @@ def declared_models(path: Path) -> dict[str, ApiModelDeclaration]:
     return cached[1]
 
 
+#: Where Chroma's ``OpenAIEmbeddingFunction`` sends requests when its config names no ``api_base``.
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+def declared_for_openai(declared: dict[str, ApiModelDeclaration], config: dict[str, Any], collection: str,
+                        models_file: Path) -> str:
+    """The declared model that a collection made with Chroma's ``OpenAIEmbeddingFunction`` was
+    embedded with, from its persisted configuration: same model, endpoint and ``dimensions``.
+
+    Raises:
+        ModelNotFoundError: none is declared; the message holds the declaration to add.
+    """
+    model, base = config.get("model_name") or "text-embedding-ada-002", config.get("api_base") or OPENAI_BASE_URL
+    dimensions = config.get("dimensions")
+    for decl in declared.values():
+        if decl.model == model and decl.base_url.rstrip("/") == base.rstrip("/") and decl.dimensions == dimensions:
+            return decl.name
+    key = config.get("api_key_env_var") or "OPENAI_API_KEY"
+    extra = f"dimensions = {dimensions}\ndimension = {dimensions}" if dimensions else "dimension = <its vectors' size>"
+    raise ModelNotFoundError(
+        f"collection {collection!r} was made with Chroma's OpenAIEmbeddingFunction ({model} at {base}), which no "
+        f"declaration in {models_file} matches; add:\n[models.\"openai:{model}\"]\nbase_url = \"{base}\"\n"
+        f"model = \"{model}\"\n{extra}\napi_key_env = \"{key}\"\nthen run adopt again")
+
+
 class TokenCounter(Protocol):
     def count(self, texts: list[str]) -> list[int]:
         """Tokens per text, special tokens included."""

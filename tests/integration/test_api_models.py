@@ -252,3 +252,27 @@ def test_the_embedded_stack_reads_the_models_file_and_never_shows_the_key(
     for file in data.rglob("*"):  # logs, Chroma's files, the embedded Redis's dump
         if file.is_file():
             assert secret.encode() not in file.read_bytes(), file
+
+
+def test_adopt_reads_chroma_s_openai_configuration(
+        api_settings: Settings, chroma: ChromaServer, infinity: str, proxy: FaultProxy,
+        start_workers: Callable[..., Workers], tmp_path: Path) -> None:
+    """A collection an application made with Chroma's OpenAIEmbeddingFunction (here: pointed at the
+    same server) is adopted under the declared model its persisted configuration names."""
+    from reembed.errors import ModelNotFoundError
+    from reembed.store import lazy_openai
+
+    start_workers(1, models_file_setting=api_settings.models_file_setting)
+    control = ControlPlane(api_settings)
+    rows = [json.loads(line) for line in scifact_subset(tmp_path / "c.jsonl", 20).read_text().splitlines()]
+    texts = [r["title"] + " " + r["text"] for r in rows]
+    client = chromadb.HttpClient(host="127.0.0.1", port=chroma.port)
+    for name, model_name in (("app-docs", "minilm"), ("other-docs", "text-embedding-3-large")):
+        recorded = lazy_openai()(model_name=model_name, api_base=proxy.url, api_key_env_var="APP_KEY")
+        made = client.create_collection(name, configuration={"embedding_function": recorded, "hnsw": {"space": "cosine"}})
+        made.add(ids=[r["_id"] for r in rows], documents=texts, embeddings=server_vectors(infinity, texts))
+
+    adopted = control.adopt("app", "app-docs")
+    assert adopted["model"] == API_MODEL
+    with pytest.raises(ModelNotFoundError, match='models."openai:text-embedding-3-large"'):
+        control.adopt("other", "other-docs")
