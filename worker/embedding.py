@@ -19,8 +19,8 @@ import numpy as np
 import redis
 import structlog
 
-from reembed.documents import provenance
 from reembed.budget import Budget
+from reembed.documents import provenance
 from reembed.errors import (
     BudgetReachedError,
     CollectionNotFoundError,
