@@ -31,7 +31,7 @@ from tests.integration.conftest import scifact_subset
 from tests.integration.embedding_server import FaultProxy, infinity_server, minilm_dir, server_vectors
 
 API_MODEL = "infinity:minilm"
-DOCS = 60
+DOCS = 40
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def test_an_api_model_ingests_migrates_both_ways_and_serves_search(
     control.cutover("papers")
 
     # Back to the API model, through 429s (with retry-after), 500s, a dropped connection and a
-    # stall longer than the client's timeout.
-    proxy.faults = [("429", 1), ("429", 1), ("500",), ("drop",), None, ("500",), ("stall", 8), ("429", 2)]
+    # stall longer than the client's timeout (5 s).
+    proxy.faults = [("429", 1), ("429", 1), ("500",), ("drop",), None, ("500",), ("stall", 6), ("429", 2)]
     back = control.migrate("papers", API_MODEL, batch_size=20, cutover="manual")
     wait_for(control, back.id, MigrationState.COMPLETE)
     assert_server_vectors(chroma, back.target_collection, infinity, ids)
@@ -192,7 +192,7 @@ def test_the_budget_pauses_within_one_request_and_resume_raises_it(
     file.write_text(file.read_text().replace("concurrency = 2", "concurrency = 1\nprice_per_million_tokens = 1.0"))
     start_workers(1, models_file_setting=api_settings.models_file_setting)
     control = ControlPlane(api_settings)
-    corpus = scifact_subset(tmp_path / "corpus.jsonl", DOCS)
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", 60)
     ids = [json.loads(line)["_id"] for line in corpus.read_text().splitlines()]
     texts = sorted((json.loads(line)["title"] + json.loads(line)["text"] for line in corpus.read_text().splitlines()),
                    key=len)
