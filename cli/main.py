@@ -61,12 +61,21 @@ def main(ctx: click.Context) -> None:
 @json_option
 @click.pass_obj
 def models(settings: Settings, as_json: bool) -> None:
-    """The known models: dimension, whether installed, where the weights are, fingerprint."""
+    """The known models and those the models file declares (REEMBED_MODELS_FILE): dimension,
+    whether installed (for an API model: whether its key variable is set), fingerprint."""
+    from reembed.api_models import api_spec, declared_models
     from reembed.models import KNOWN_MODELS, describe
 
-    rows = [describe(spec, settings.data_dir) for spec in KNOWN_MODELS.values()]
-    text = "\n".join(f"{r['name']:<20} {r['dimension']:>4}-d  "
-                     f"{(r['fingerprint'] or 'not installed: ' + r['install_hint'])}" for r in rows)
+    specs = [*KNOWN_MODELS.values(), *(api_spec(d) for d in declared_models(settings.models_file).values())]
+    rows = [describe(spec, settings.data_dir) for spec in specs]
+
+    def state(row: dict[str, Any]) -> str:
+        if row["kind"] == "api":
+            return f"{row['fingerprint']}  {row['base_url']}" + (
+                "" if row["installed"] else f"  (set {row['api_key_env']} to use it)")
+        return str(row["fingerprint"] or "not installed: " + row["install_hint"])
+
+    text = "\n".join(f"{r['name']:<20} {r['dimension']:>4}-d  {state(r)}" for r in rows)
     emit(as_json, {"models": rows}, text)
 
 
@@ -77,18 +86,21 @@ def models(settings: Settings, as_json: bool) -> None:
 @click.option("--batch-size", type=int, default=None, help="Documents per batch [default: REEMBED_BATCH_SIZE].")
 @click.option("--skip-missing-text", is_flag=True, help="Record documents without text as skipped.")
 @click.option("--wait/--no-wait", default=False, help="Wait until the ingest is complete.")
+@click.option("--max-cost", type=float, default=None,
+              help="A model behind an API: pause before the spend passes this (resume with a higher one).")
 @workers_option
 @json_option
 @click.pass_obj
 def ingest(settings: Settings, alias: str, file: Path, model: str, batch_size: int | None,
-           skip_missing_text: bool, wait: bool, workers: int | None, as_json: bool) -> None:
+           skip_missing_text: bool, wait: bool, max_cost: float | None, workers: int | None, as_json: bool) -> None:
     """Load a BEIR corpus.jsonl or plain JSONL FILE into a new collection under ALIAS."""
     def run() -> None:
         from producer import ControlPlane
 
         with stack(settings, workers, needs_workers=True) as local:
             cp = ControlPlane(local.settings)
-            record = cp.ingest(alias, file, model, batch_size, skip_missing_text, stalled=local.no_worker)
+            record = cp.ingest(alias, file, model, batch_size, skip_missing_text, stalled=local.no_worker,
+                               max_cost=max_cost)
             if wait or local.ephemeral:
                 status = wait_and_report(local, cp, record.id, as_json)
             else:
@@ -126,18 +138,20 @@ def adopt(settings: Settings, alias: str, collection: str, model: str | None, wo
               help="auto: switch the alias as soon as the target is verified.")
 @click.option("--skip-missing-text", is_flag=True, help="Record documents without text as skipped.")
 @click.option("--wait/--no-wait", default=False, help="Show progress until the migration ends.")
+@click.option("--max-cost", type=float, default=None,
+              help="A model behind an API: pause before the spend passes this (resume with a higher one).")
 @workers_option
 @json_option
 @click.pass_obj
 def migrate(settings: Settings, alias: str, to_model: str, batch_size: int | None, cutover: str,
-            skip_missing_text: bool, wait: bool, workers: int | None, as_json: bool) -> None:
+            skip_missing_text: bool, wait: bool, max_cost: float | None, workers: int | None, as_json: bool) -> None:
     """Re-embed ALIAS's live collection with another model; prints the migration id."""
     def run() -> None:
         from producer import ControlPlane
 
         with stack(settings, workers, needs_workers=True) as local:
             cp = ControlPlane(local.settings)
-            record = cp.migrate(alias, to_model, batch_size, cutover, skip_missing_text)
+            record = cp.migrate(alias, to_model, batch_size, cutover, skip_missing_text, max_cost=max_cost)
             if not as_json:
                 click.echo(record.id)
             if wait or local.ephemeral:
@@ -214,15 +228,15 @@ def _control(verb: str, help_text: str, argument: str) -> None:
     @workers_option
     @json_option
     @click.pass_obj
-    def command(settings: Settings, /, workers: int | None, as_json: bool, **kwargs: str) -> None:
+    def command(settings: Settings, /, workers: int | None, as_json: bool, **kwargs: Any) -> None:
         def run() -> None:
             from producer import ControlPlane
 
             needs_workers = verb == "resume"
             with stack(settings, workers if needs_workers else 0, needs_workers) as local:
                 cp = ControlPlane(local.settings)
-                result = (cp.resume(kwargs[argument], stalled=local.no_worker) if needs_workers
-                          else getattr(cp, verb)(kwargs[argument]))
+                result = (cp.resume(kwargs[argument], stalled=local.no_worker, max_cost=kwargs.get("max_cost"))
+                          if needs_workers else getattr(cp, verb)(kwargs[argument]))
                 # A cutover (or a rollback to a rolled-back target) may start a final catch-up:
                 # with an embedded Redis only the folder's workers can see it: run them, and wait.
                 catching_up = bool(result.get("catching_up")) and local.embedded
@@ -240,6 +254,9 @@ _control("cutover", "Switch ALIAS to its migration's complete, verified target (
 _control("rollback", "Switch ALIAS back to its previous collection (one atomic write).", "alias")
 _control("pause", "Pause a running migration; its batches wait in the queue.", "migration_id")
 _control("resume", "Resume a paused migration, or rebuild one whose Redis was lost by diffing.", "migration_id")
+main.commands["resume"].params.append(click.Option(
+    ["--max-cost"], type=float, default=None,
+    help="A new budget for a migration to an API model that paused on reaching its own."))
 _control("cancel", "Cancel a migration and delete its partial target (never the source).", "migration_id")
 
 

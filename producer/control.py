@@ -31,8 +31,9 @@ from reembed.errors import (
 )
 from reembed.lifecycle import FINAL_STATES, Migration, unfinished
 from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
-from reembed.migrations import check_alias_name, start_ingest, start_migration
-from reembed.models import fingerprint, resolve_model
+from reembed.migrations import budget_fields, check_alias_name, start_ingest, start_migration
+from reembed.api_models import declared_for_openai, declared_models
+from reembed.models import fingerprint, resolve_configured
 from reembed.pipeline import Feeder
 from reembed.progress import alias_lock, redis_client
 from reembed.queue import client_app
@@ -77,11 +78,13 @@ class ControlPlane:
     # -- ingest ------------------------------------------------------------------------------
 
     def ingest(self, alias: str, file: Path, model: str, batch_size: int | None = None,
-               skip_missing_text: bool = False, stalled: Callable[[], str | None] | None = None) -> MigrationRecord:
+               skip_missing_text: bool = False, stalled: Callable[[], str | None] | None = None,
+               max_cost: float | None = None) -> MigrationRecord:
         """Create ALIAS from a corpus file: validate it whole, then feed its batches to the workers
-        (``stalled``: see :meth:`wait`)."""
+        (``stalled``: see :meth:`wait`; ``max_cost``: see :meth:`migrate`)."""
         record = start_ingest(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
-                              file=file, model=model, batch_size=batch_size, skip_missing_text=skip_missing_text)
+                              file=file, model=model, batch_size=batch_size, skip_missing_text=skip_missing_text,
+                              max_cost=max_cost)
         self.feed_file(record, file, stalled)
         return record
 
@@ -108,12 +111,15 @@ class ControlPlane:
             raise InputError(f"collection {collection!r} is empty; there is nothing to verify a model against")
         ef = self.store.configuration(collection).get("embedding_function") or {}
         declared = (ef.get("config") or {}).get("model_name") if ef.get("name") == "sentence_transformer" else None
+        if ef.get("name") == "openai" and not model:
+            declared = declared_for_openai(declared_models(self.settings.models_file), ef.get("config") or {},
+                                           collection, self.settings.models_file)
         claimed = model or declared
         if not claimed:
             raise InputError(
                 f"collection {collection!r} records no sentence-transformers model; name it with --model"
             )
-        spec = resolve_model(claimed)
+        spec = resolve_configured(self.settings, claimed)
         fp = fingerprint(spec, self.settings.data_dir)
         if not self.outbox.workers(self.settings.worker_wait_s):
             raise QueueUnavailableError(f"no reembed worker is running to check the vectors of {collection!r}; "
@@ -156,11 +162,12 @@ class ControlPlane:
     # -- migrate -----------------------------------------------------------------------------
 
     def migrate(self, alias: str, to_model: str, batch_size: int | None = None, cutover: str = "auto",
-                skip_missing_text: bool = False) -> MigrationRecord:
-        """Start a migration; workers pump and embed it. Returns at once with the record."""
+                skip_missing_text: bool = False, max_cost: float | None = None) -> MigrationRecord:
+        """Start a migration; workers pump and embed it. Returns at once with the record.
+        ``max_cost`` (a model behind an API): pause before the spend passes it."""
         return start_migration(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
                                to_model=to_model, batch_size=batch_size, cutover=cutover,
-                               skip_missing_text=skip_missing_text)
+                               skip_missing_text=skip_missing_text, max_cost=max_cost)
 
     # -- status and waiting ------------------------------------------------------------------
 
@@ -397,8 +404,10 @@ class ControlPlane:
     def pause(self, migration_id: str) -> dict[str, Any]:
         return self.migration_status(self.migration(migration_id).pause())
 
-    def resume(self, migration_id: str, stalled: Callable[[], str | None] | None = None) -> dict[str, Any]:
-        """Continue a paused or failed migration, or rebuild one whose Redis state was lost.
+    def resume(self, migration_id: str, stalled: Callable[[], str | None] | None = None,
+               max_cost: float | None = None) -> dict[str, Any]:
+        """Continue a paused or failed migration, or rebuild one whose Redis state was lost
+        (``max_cost``: a new budget, for one paused on reaching its own).
 
         After a Redis loss the queue and the counters are gone; the durable record survives in
         Chroma. Resuming then diffs source and target and feeds only what is missing (an ingest
@@ -411,7 +420,11 @@ class ControlPlane:
             raise MigrationStateError(f"migration {migration_id} is {record.state.value}; nothing to resume")
         if record.kind == "ingest" and (record.source_file is None or not Path(record.source_file).exists()):
             raise InputError(f"ingest {migration_id} needs its file {record.source_file!r} to resume")
-        record = migration.restart("resume")
+        changes: dict[str, Any] = {}
+        if max_cost is not None:
+            spec = resolve_configured(self.settings, record.to_model)
+            changes = budget_fields(spec, max_cost)
+        record = migration.restart("resume", **changes)
         if record.kind == "ingest":
             assert record.source_file is not None
             if not migration.progress.skipped_ids():

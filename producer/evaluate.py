@@ -24,7 +24,7 @@ from reembed.bm25 import Bm25Index, IndexSignature
 from reembed.errors import InputError, QueueUnavailableError
 from reembed.fusion import reciprocal_rank_fusion
 from reembed.metrics import METRICS, mean_scores, per_query, read_qrels, read_queries
-from reembed.models import LoadedModel, load_configured, resolve_model
+from reembed.models import LoadedModel, load_configured, resolve_configured
 from reembed.registry import MigrationRecord, MigrationState, Registry
 from reembed.settings import Settings
 from reembed.store import PAGE_SIZE, Store
@@ -140,7 +140,7 @@ class Evaluator:
             raise InputError(f"compare semantic or hybrid on one of {', '.join(METRICS)}")
         current = self.registry.get_alias(alias)
         old_record = self.registry.get_collection(current.live_collection)
-        new_spec = resolve_model(to_model)
+        new_spec = resolve_configured(self.settings, to_model)
         target = self._target(alias, new_spec.name)
         judged_files = read_qrels(qrels_file) if qrels_file is not None else {}
         docs = self._documents(current.live_collection, sample, {d for j in judged_files.values() for d in j})

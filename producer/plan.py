@@ -3,7 +3,8 @@
 Every figure is measured on this collection and this machine where it can be: documents and
 documents without text are counted, tokens are counted with the new model's own tokenizer, and
 the new model's throughput is measured by embedding a sample of this corpus on this machine's
-device. Chroma's write rate is measured too, on the server the migration will write to: a sample
+device (a model behind an API: by sending the sample to its endpoint, whose cost is reported as
+``plan_cost``, and capped by the declared requests and tokens per minute). Chroma's write rate is measured too, on the server the migration will write to: a sample
 of these documents (their text and metadata, vectors of the new dimension) is added to a
 throw-away collection, deleted afterwards. The wall time follows the slower of the two. Storage is
 computed from the dimension plus Chroma's per-document overhead (HNSW links, the stored text and
@@ -25,9 +26,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from reembed.api_models import ApiModelDeclaration
 from reembed.documents import provenance
 from reembed.errors import InputError, ReembedError
-from reembed.models import LoadedModel, load_configured, resolve_model
+from reembed.models import LoadedModel, load_configured, resolve_configured
 from reembed.registry import PlanRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
 from reembed.store import Store
@@ -69,6 +71,20 @@ def space_warning(space: str, model: str, normalized: bool, similarity: str) -> 
             f"{space!r} are not the model's; it needs {fix}")
 
 
+def api_rate_limit(decl: ApiModelDeclaration, mean_tokens: float) -> float | None:
+    """Documents per second the declared rate limits allow all workers together (None: none
+    declared): requests per minute times documents per request, tokens per minute over the
+    documents' mean token count."""
+    limits = []
+    if decl.requests_per_minute:
+        per_request = min(decl.max_inputs_per_request - int(decl.probe_every_request),
+                          decl.max_tokens_per_request / max(mean_tokens, 1.0))
+        limits.append(decl.requests_per_minute * max(per_request, 1.0) / 60)
+    if decl.tokens_per_minute:
+        limits.append(decl.tokens_per_minute / max(mean_tokens, 1.0) / 60)
+    return min(limits) if limits else None
+
+
 def chroma_write_rate(store: Store, model: LoadedModel, texts: list[str], metadatas: list[dict[str, Any] | None],
                       space: str, writers: int) -> float:
     """Documents per second that ``writers`` concurrent writers get from this Chroma server,
@@ -106,7 +122,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     registry = Registry(store)
     current = registry.get_alias(alias)
     live = registry.get_collection(current.live_collection)
-    spec = resolve_model(to_model)
+    spec = resolve_configured(settings, to_model)
     ids: list[str] = []
     texts: list[str] = []
     metadatas: list[dict[str, Any] | None] = []
@@ -135,12 +151,24 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     over = sum(1 for t in tokens if limit is not None and t > limit)
     measured = rng.sample(texts, min(sample, len(texts)))
     model.embed_documents(measured[:8])  # warm-up
+    usage = getattr(getattr(model, "client", None), "usage", None)  # a model behind an API counts requests
+    sent_before = usage.requests if usage else 0
     started = time.perf_counter()
     model.embed_documents(measured)
-    per_worker = len(measured) / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    per_worker = len(measured) / seconds
     cores = os.cpu_count() or 1
     effective = workers if model.device != "cpu" else min(workers, max(1, cores // settings.torch_threads))
     model_rate = per_worker * effective
+    mean_tokens = sum(tokens) / len(tokens)
+    limit_rate = api_rate_limit(spec.api, mean_tokens) if spec.api else None
+    api: dict[str, Any] = {}
+    if spec.api and usage is not None:
+        sent = usage.requests - sent_before
+        api = {"api_requests_measured": sent, "api_request_s": round(seconds / max(sent, 1), 3),
+               "rate_limit_docs_per_s": round(limit_rate, 2) if limit_rate else None,
+               "plan_cost": round(spec.price_per_million_tokens * sum(model.count_tokens(measured[:8] + measured))
+                                  / 1e6, 6)}
     space = store.space(current.live_collection)
     # A small collection's documents are written several times over (under other ids): the probe
     # always writes PROBE_DOCS, so that its few writes are the size a migration's are.
@@ -148,8 +176,10 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     probe = [chosen[i % len(chosen)] for i in range(PROBE_DOCS)]
     write_rate = chroma_write_rate(store, model, [texts[i] for i in probe], [metadatas[i] for i in probe],
                                    space, min(workers, PROBE_WRITERS))
-    rate = min(model_rate, write_rate)
-    bound_by: Literal["model", "chroma"] = "model" if model_rate <= write_rate else "chroma"
+    rate = min(model_rate, write_rate, limit_rate or model_rate)
+    bound_by: Literal["model", "chroma", "rate_limit"] = (
+        "rate_limit" if limit_rate and limit_rate <= min(model_rate, write_rate)
+        else "model" if model_rate <= write_rate else "chroma")
     total_tokens = int(sum(tokens) * scale)
     vectors_bytes = len(texts) * model.dimension * 4
     overhead = HNSW_BYTES_PER_DOC + sum(extra_bytes) / len(extra_bytes)
@@ -173,7 +203,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
         "storage_total_bytes": int(vectors_bytes + overhead * len(texts)),
         "price_per_million_tokens": spec.price_per_million_tokens, "api_cost": round(api_cost, 4),
         "space": space, "model_similarity": model.similarity, "normalized": spec.normalize,
-        "warnings": [warning] if warning else [],
+        "warnings": [warning] if warning else [], **api,
     }
     if None not in (queries_per_month, value_per_query, quality_gain):
         benefit = queries_per_month * value_per_query * quality_gain  # type: ignore[operator]

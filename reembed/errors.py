@@ -5,7 +5,8 @@
     ReembedError
     ├── ConfigError                 a REEMBED_* setting is wrong
     ├── InputError                  a corpus file, name or argument is wrong
-    │   └── MissingTextError        documents that have no text to embed
+    │   ├── MissingTextError        documents that have no text to embed
+    │   └── ApiInputError           an embeddings endpoint refused some inputs (400, 413, 422)
     ├── ModelError
     │   ├── ModelNotFoundError      unknown or not installed
     │   └── ModelMismatchError      vectors/fingerprint do not belong to the claimed model
@@ -15,6 +16,8 @@
     │   ├── StoreAuthError          Chroma (or its proxy) refused the credentials: 401/403
     │   └── StoreUnavailableError   (also RetryableError)
     ├── QueueUnavailableError       Redis (also RetryableError)
+    ├── ApiUnavailableError         an embeddings endpoint kept failing (also RetryableError)
+    ├── BudgetReachedError          a migration's --max-cost would be passed (pauses it)
     ├── AliasNotFoundError
     ├── AliasExistsError
     ├── MigrationNotFoundError
@@ -65,6 +68,10 @@ class MissingTextError(InputError):
         )
 
 
+class ApiInputError(InputError):
+    """An embeddings endpoint refused a request's inputs; splitting the batch finds which."""
+
+
 class ModelError(ReembedError):
     """Something is wrong with an embedding model."""
 
@@ -99,6 +106,15 @@ class StoreUnavailableError(StoreError, RetryableError):
 
 class QueueUnavailableError(RetryableError):
     """Redis (the queue and the progress) cannot be reached."""
+
+
+class ApiUnavailableError(RetryableError):
+    """An embeddings endpoint did not answer within its retries (down, overloaded, rate-limited)."""
+
+
+class BudgetReachedError(RetryableError):
+    """The next request to an API model could pass the migration's ``--max-cost``: the migration
+    pauses (resumable with a higher limit) and the batch waits in the queue."""
 
 
 class AliasNotFoundError(ReembedError):

@@ -88,6 +88,7 @@ class Migration:
         self.registry.put_migration(self.record)
         self.progress.init(self.record.total, S.RUNNING.value, skipped)
         self.progress.set(phase=phase)
+        self.progress.set_budget(self.record.max_cost)
         if self.record.kind == "migrate":
             self.outbox.pump(self.id)
         return self.record
@@ -98,8 +99,9 @@ class Migration:
         log.warning("progress lost, rebuilding", migration_id=self.id, alias=self.record.alias)
         self.progress.init(self.record.total, self.state().value, skipped)
 
-    def pause(self) -> MigrationRecord:
-        return self._become(S.PAUSED)
+    def pause(self, reason: str | None = None) -> MigrationRecord:
+        """Stop feeding and embedding until resumed; ``reason`` shows in status (a budget reached)."""
+        return self._become(S.PAUSED, error=reason) if reason else self._become(S.PAUSED)
 
     def cancel(self, store: Store) -> MigrationRecord:
         """Stop, and delete the partial target (never the source, never a live collection)."""
@@ -136,7 +138,8 @@ class Migration:
         self._become(S.RUNNING, error=None, **changes)  # refused (and nothing written) from a final state
         if not had_progress:
             self.progress.init(self.record.total, S.RUNNING.value)
-        elif was == S.FAILED:  # its workers dropped what they held: send it again now
+        self.progress.set_budget(self.record.max_cost)  # a resume may have raised it
+        if had_progress and was == S.FAILED:  # its workers dropped what they held: send it again now
             self.progress.expire_in_flight()
         log.info("migration restarted", migration_id=self.id, alias=self.record.alias, reason=reason,
                  progress_rebuilt=not had_progress)

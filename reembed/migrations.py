@@ -24,7 +24,7 @@ from reembed.errors import (
 )
 from reembed.lifecycle import Migration, unfinished
 from reembed.messages import Outbox
-from reembed.models import ModelSpec, fingerprint, recorded_name, resolve_model
+from reembed.models import ModelSpec, fingerprint, recorded_name, resolve_configured
 from reembed.progress import alias_lock
 from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, PlanRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
@@ -85,7 +85,7 @@ def _recent_plan(registry: Registry, alias: str, source: str, to_model: str) -> 
 def start_migration(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,
                     alias: str,
                     to_model: str, batch_size: int | None = None, cutover: Literal["auto", "manual"] | str = "auto",
-                    skip_missing_text: bool = False) -> MigrationRecord:
+                    skip_missing_text: bool = False, max_cost: float | None = None) -> MigrationRecord:
     """Check everything, create the target collection, record the migration as running.
 
     Raises:
@@ -95,7 +95,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
     if cutover not in ("auto", "manual"):
         raise InputError(f"cutover {cutover!r}: use auto or manual")
     size = check_batch_size(batch_size, settings)
-    spec = resolve_model(to_model)
+    spec = resolve_configured(settings, to_model)
     to_fingerprint = fingerprint(spec, settings.data_dir)
     with alias_lock(client, alias):
         alias_record = registry.get_alias(alias)
@@ -116,7 +116,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
             alias=alias, source_collection=source, target_collection="", from_model=source_record.model,
             to_model=spec.name, to_fingerprint=to_fingerprint, batch_size=size, cutover=cutover,
             skip_missing_text=skip_missing_text, total=total, skipped=len(missing),
-            plan=_recent_plan(registry, alias, source, spec.name),
+            plan=_recent_plan(registry, alias, source, spec.name), **budget_fields(spec, max_cost),
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "migration")
@@ -129,7 +129,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
 def start_ingest(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,
                  alias: str,
                  file: Path, model: str, batch_size: int | None = None,
-                 skip_missing_text: bool = False) -> MigrationRecord:
+                 skip_missing_text: bool = False, max_cost: float | None = None) -> MigrationRecord:
     """Validate a corpus file whole, then create the alias's first collection and record the ingest.
 
     Raises:
@@ -138,7 +138,7 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
     """
     check_alias_name(alias)
     size = check_batch_size(batch_size, settings)
-    spec = resolve_model(model)
+    spec = resolve_configured(settings, model)
     to_fingerprint = fingerprint(spec, settings.data_dir)
     total, empty = validate_corpus(file)
     if empty and not skip_missing_text:
@@ -151,6 +151,7 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
             kind="ingest", alias=alias, source_collection=None, source_file=str(file.resolve()),
             target_collection="", from_model=None, to_model=spec.name, to_fingerprint=to_fingerprint,
             batch_size=size, skip_missing_text=skip_missing_text, total=total, skipped=len(empty),
+            **budget_fields(spec, max_cost),
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "ingest")
@@ -158,6 +159,21 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
     log.info("ingest started", migration_id=record.id, alias=alias, collection=record.target_collection,
              model=spec.name, total=total)
     return record
+
+
+def budget_fields(spec: ModelSpec, max_cost: float | None) -> dict[str, Any]:
+    """The price a migration is charged at and its limit (``--max-cost``), checked.
+
+    Raises:
+        InputError: a limit for a model that costs nothing per request, or a negative one.
+    """
+    if max_cost is not None:
+        if spec.api is None:
+            raise InputError(f"--max-cost applies to a model behind an API; {spec.name!r} runs in the workers "
+                             "and costs nothing per request")
+        if max_cost < 0:
+            raise InputError(f"--max-cost {max_cost} is negative: give the most this migration may spend")
+    return {"max_cost": max_cost, "price_per_million_tokens": spec.price_per_million_tokens}
 
 
 def _create_target(store: Store, registry: Registry, record: MigrationRecord, spec: ModelSpec,
@@ -174,7 +190,7 @@ def _create_target(store: Store, registry: Registry, record: MigrationRecord, sp
     metadata.update({"reembed_model": spec.name, "reembed_fingerprint": record.to_fingerprint,
                      "reembed_migration": record.id, "reembed_alias": record.alias})
     store.create(record.target_collection, metadata=metadata, hnsw=hnsw, model_name=recorded_name(spec),
-                 normalize=spec.normalize)
+                 normalize=spec.normalize, openai_config=spec.api.chroma_config() if spec.api else None)
     registry.put_collection(CollectionRecord(
         name=record.target_collection, model=spec.name, fingerprint=record.to_fingerprint,
         dimension=spec.dimension, origin=origin, migration_id=record.id,

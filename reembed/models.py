@@ -10,10 +10,12 @@ the recorded one is refused (same files, different maths: a quantised or fp16 ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,8 @@ from reembed.weights import LocalDirectory, PipPackage, SplitZip, WeightSource
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from reembed.api_client import Meter
+    from reembed.api_models import ApiModelDeclaration
     from reembed.settings import Settings
 
 #: Embedded by every process that loads a model; compared across processes and runs.
@@ -61,6 +65,7 @@ class ModelSpec:
     price_per_million_tokens: float = 0.0
     aliases: tuple[str, ...] = field(default=())
     weights: WeightSource | None = field(default=None, compare=False)
+    api: ApiModelDeclaration | None = field(default=None, compare=False)  # a model behind an API
 
     def source(self) -> WeightSource:
         if self.weights is not None:
@@ -98,12 +103,25 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
 }
 
 
-def resolve_model(name: str) -> ModelSpec:
-    """Find a model by its name, a hub-style alias, or a local sentence-transformers directory.
+def resolve_configured(settings: Settings, name: str) -> ModelSpec:
+    """:func:`resolve_model` with the models this process's settings declare (``MODELS_FILE``)."""
+    from reembed.api_models import declared_models
+
+    return resolve_model(name, declared_models(settings.models_file), settings.models_file)
+
+
+def resolve_model(name: str, declared: Mapping[str, ApiModelDeclaration] | None = None,
+                  models_file: Path | None = None) -> ModelSpec:
+    """Find a model by its name, a hub-style alias, a declared API model (``provider:model``), or
+    a local sentence-transformers directory.
 
     Raises:
         ModelNotFoundError: unknown name, or a directory that holds no sentence-transformers model.
     """
+    if declared and name in declared:
+        from reembed.api_models import api_spec
+
+        return api_spec(declared[name])
     for spec in KNOWN_MODELS.values():
         if name == spec.name or name in spec.aliases:
             return spec
@@ -123,6 +141,10 @@ def resolve_model(name: str) -> ModelSpec:
                 continue
         return ModelSpec(name=str(resolved), dimension=_dimension_of_dir(resolved), path=str(resolved))
     known = ", ".join(KNOWN_MODELS)
+    if ":" in name and "/" not in name.split(":", 1)[0]:
+        where = f"in {models_file}" if models_file else "in the models file (REEMBED_MODELS_FILE)"
+        raise ModelNotFoundError(f"model {name!r} is not declared {where}: add a [models.\"{name}\"] table with "
+                                 "base_url and dimension (see the README, \"Models behind an API\")")
     raise ModelNotFoundError(
         f"unknown model {name!r}: use one of {known}, or the path of a local sentence-transformers directory"
     )
@@ -163,8 +185,11 @@ def model_dir(spec: ModelSpec, data_dir: Path) -> Path:
 def fingerprint(spec: ModelSpec, data_dir: Path) -> str:
     """A digest that changes whenever the model could produce different vectors.
 
-    Hashing weights costs ~0.3 s per 100 MB, so digests are cached by file size and mtime.
+    Hashing weights costs ~0.3 s per 100 MB, so digests are cached by file size and mtime. A
+    model behind an API has no weights: its declaration's digest (see ``reembed.api_models``).
     """
+    if spec.api is not None:
+        return spec.api.fingerprint()
     files = weight_files(spec)
     cache_file = data_dir / "cache" / "weights-sha256.json"
     cache: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
@@ -200,7 +225,13 @@ def fingerprint(spec: ModelSpec, data_dir: Path) -> str:
 
 def describe(spec: ModelSpec, data_dir: Path) -> dict[str, Any]:
     """A JSON-ready row for ``reembed models``: installed or not, where, fingerprint."""
-    row: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k not in ("aliases", "path", "weights")}
+    row: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k not in ("aliases", "path", "weights", "api")}
+    if spec.api is not None:
+        row.update(kind="api", base_url=spec.api.base_url, api_key_env=spec.api.api_key_env or None,
+                   installed=not spec.api.api_key_env or bool(os.environ.get(spec.api.api_key_env)),
+                   weights=None, fingerprint=spec.api.fingerprint())
+        return row
+    row["kind"] = "local"
     try:
         row["weights"] = str(locate_weights_if_installed(spec))
         row["installed"] = True
@@ -270,6 +301,12 @@ class LoadedModel:
             )
         return np.asarray(vectors, dtype=np.float32)
 
+    @contextlib.contextmanager
+    def metered(self, meter: Meter) -> Iterator[None]:
+        """Charge what embedding costs meanwhile to ``meter`` (a migration's budget). A model
+        run here costs nothing per request; ``ApiModel`` overrides this."""
+        yield
+
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text with this model's tokenizer (before truncation)."""
         tokenizer = self._model.tokenizer
@@ -324,9 +361,35 @@ _load_lock = threading.Lock()
 
 
 def load_configured(settings: Settings, name: str) -> LoadedModel:
-    """Load the model called ``name`` with this process's settings (device, runtime, threads, batch)."""
-    return load_model(resolve_model(name), settings.data_dir, settings.device, settings.torch_threads,
+    """Load the model called ``name`` with this process's settings (device, runtime, threads, batch;
+    for a model behind an API, the rate limit shared through this process's Redis)."""
+    spec = resolve_configured(settings, name)
+    if spec.api is not None:
+        return load_api(spec, settings.redis_url)
+    return load_model(spec, settings.data_dir, settings.device, settings.torch_threads,
                       settings.embed_batch_size, settings.backend)
+
+
+def load_api(spec: ModelSpec, redis_url: str = "") -> LoadedModel:
+    """Connect once per process to a declared model's endpoint (its probe is one request).
+
+    Raises:
+        ModelNotFoundError: its key variable is not set. ModelError, ApiUnavailableError: the
+        endpoint refused or did not answer the probe.
+    """
+    from reembed.api_models import ApiModel
+    from reembed.rate_limit import limiter_for
+
+    assert spec.api is not None
+    key = (spec.name, "api", repr(spec.api))
+    with _load_lock:
+        if key not in _loaded:
+            _loaded[key] = ApiModel(spec, spec.api, limiter_for(spec.api, redis_url))
+            loaded = _loaded[key]
+            structlog.get_logger(__name__).info(
+                "model loaded", model=spec.name, fingerprint=loaded.fingerprint, device="api",
+                endpoint=spec.api.base_url, dimension=loaded.dimension, embed_batch_size=loaded.batch_size)
+        return _loaded[key]
 
 
 def load_model(spec: ModelSpec, data_dir: Path, device_setting: str = "auto", threads: int = 1,

@@ -128,6 +128,19 @@ return 0
 """
 
 
+# KEYS[1]: the progress hash, whose ``max_cost`` is the limit (absent: none). ARGV: cost wanted.
+# 1 when reserved. The limit is read here, not handed in: a resume may have raised it.
+_RESERVE_COST = """
+local spent = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0')
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved_cost') or '0')
+local limit = tonumber(redis.call('HGET', KEYS[1], 'max_cost') or '-1')
+local want = tonumber(ARGV[1])
+if limit >= 0 and spent + reserved + want > limit then return 0 end
+redis.call('HINCRBYFLOAT', KEYS[1], 'reserved_cost', want)
+return 1
+"""
+
+
 class Progress:
     """The Redis side of one migration: counters, finished batches, failures, state cache."""
 
@@ -136,6 +149,7 @@ class Progress:
         self.id = migration_id
         self.key = migration_key(migration_id)
         self._record = client.register_script(_RECORD_BATCH)
+        self._reserve = client.register_script(_RESERVE_COST)
 
     def exists(self) -> bool:
         """True when ``init`` ran in this Redis. A straggling batch that finishes after Redis lost
@@ -268,6 +282,35 @@ class Progress:
             if batches:
                 pipe.hincrby(self.key, "t_batches", batches)
             pipe.execute()
+
+    def set_budget(self, max_cost: float | None) -> None:
+        """The most this migration may spend (None: no limit), read by every reservation."""
+        with redis_errors("writing the budget"):
+            if max_cost is None:
+                self.r.hdel(self.key, "max_cost")
+            else:
+                self.r.hset(self.key, "max_cost", max_cost)
+
+    def reserve_cost(self, amount: float) -> bool:
+        """Reserve ``amount`` of money for a request about to go, unless what is spent and
+        reserved by every worker would then pass the budget: atomic, so two workers never both
+        take the last of it."""
+        with redis_errors("reserving budget"):
+            return bool(self._reserve(keys=[self.key], args=[amount]))
+
+    def settle_cost(self, reserved: float, tokens: int, cost: float) -> None:
+        """A request answered: its reservation becomes what it really cost."""
+        with redis_errors("recording spend"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hincrbyfloat(self.key, "reserved_cost", -reserved)
+            pipe.hincrby(self.key, "tokens", tokens)
+            pipe.hincrbyfloat(self.key, "cost", cost)
+            pipe.execute()
+
+    def spend(self) -> tuple[int, float]:
+        """Tokens sent to an API model so far, and their cost."""
+        fields = self.get()
+        return int(fields.get("tokens", 0)), float(fields.get("cost", 0))
 
     def timings(self) -> dict[str, float]:
         """Seconds per phase summed over batches, and ``batches`` timed."""

@@ -89,7 +89,7 @@ class PlanRecord(BaseModel):
     documents: int
     workers: int
     docs_per_s: float
-    bound_by: Literal["model", "chroma"]
+    bound_by: Literal["model", "chroma", "rate_limit"]
     wall_s: float
     created_at: float = Field(default_factory=time.time)
 
@@ -131,6 +131,8 @@ class MigrationRecord(BaseModel):
     verdict: str | None = None  # GO / NO-GO / INCONCLUSIVE once evaluated
     error: str | None = None
     plan: PlanRecord | None = None  # the latest `reembed plan` of this alias and model, when there is one
+    max_cost: float | None = None  # a model behind an API: pause before the spend passes this
+    price_per_million_tokens: float = 0.0
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     finished_at: float | None = None

@@ -65,6 +65,9 @@ FIELDS: tuple[Field, ...] = (
           "Seconds before a batch held by a vanished worker is delivered again."),
     Field("WORKER_WAIT_S", "30", "Seconds a command that needs a worker to answer (adopt's vector check) "
           "looks for one before it exits 3."),
+    Field("MODELS_FILE", "", "TOML file declaring models behind an OpenAI-compatible embeddings API (OpenAI, "
+          "Azure OpenAI, TEI, vLLM, Ollama, infinity): see the README. Empty: DATA_DIR/models.toml when it exists. "
+          "Every process that embeds needs the same file."),
     Field("PRELOAD_MODEL", "", "A model each worker process loads at start-up (and logs with its "
           "fingerprint, device and batch size), so the first batch does not wait for it."),
     Field("TORCH_THREADS", "1", "Torch threads per worker process; one per process scales best "
@@ -113,11 +116,27 @@ class Settings:
     chroma_tenant: str = "default_tenant"
     chroma_database: str = "default_database"
     chroma_ssl_verify: str = "true"
+    models_file_setting: str = ""
+
+    @property
+    def models_file(self) -> Path:
+        """Where declared API models are read from."""
+        if self.models_file_setting:
+            return Path(self.models_file_setting).expanduser().resolve()
+        return self.data_dir / "models.toml"
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Every secret value of these settings, for the log redactor."""
-        return tuple(v for v in (self.api_key, *(value for _, value in self.chroma_headers)) if v)
+        """Every secret value of these settings, for the log redactor: the search key, Chroma's
+        headers, and the API keys of the models the models file declares."""
+        from reembed.api_models import declared_models  # here: api_models needs settings' neighbours
+
+        try:
+            declared = list(declared_models(self.models_file).values())
+        except ConfigError:
+            declared = []  # reported where the models are used; the redactor must still start
+        keys = [os.environ.get(d.api_key_env, "") for d in declared if d.api_key_env]
+        return tuple(v for v in (self.api_key, *(value for _, value in self.chroma_headers), *keys) if v)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +177,7 @@ class Settings:
             chroma_tenant=raw["CHROMA_TENANT"].strip() or "default_tenant",
             chroma_database=raw["CHROMA_DATABASE"].strip() or "default_database",
             chroma_ssl_verify=_ssl_verify(raw["CHROMA_SSL_VERIFY"]),
+            models_file_setting=raw["MODELS_FILE"].strip(),
         )
 
     def with_(self, **changes: Any) -> Settings:
@@ -177,6 +197,7 @@ class Settings:
             PREFIX + "MAX_WAITING_BATCHES": str(self.max_waiting_batches),
             PREFIX + "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
             PREFIX + "WORKER_WAIT_S": str(self.worker_wait_s),
+            PREFIX + "MODELS_FILE": self.models_file_setting,
             PREFIX + "PRELOAD_MODEL": self.preload_model,
             PREFIX + "TORCH_THREADS": str(self.torch_threads),
             PREFIX + "SEARCH_DEPTH": str(self.search_depth),

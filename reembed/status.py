@@ -42,7 +42,7 @@ def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, 
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
         "verified": record.verified, "cutover": record.cutover, "error": record.error,
         "failures": progress.failures(10) if live else {}, "progress_in_redis": live,
-        **_truncation(progress, live),
+        **_truncation(progress, live), **_spend(progress, live, record),
         "hint": (f"Redis holds no progress for this {record.state.value} migration (it lost its data?): "
                  f"run `reembed resume {record.id}` to finish it by diffing source and target")
         if not live and record.state in LOST_IF_NOT_IN_REDIS else None,
@@ -63,3 +63,9 @@ def _truncation(progress: Progress, live: bool) -> dict[str, Any]:
     """Documents the model read only in part (it truncates past its maximum sequence length)."""
     count, sample = progress.truncated() if live else (0, {})
     return {"truncated": count, "truncated_tokens": sample}
+
+
+def _spend(progress: Progress, live: bool, record: MigrationRecord) -> dict[str, Any]:
+    """Tokens sent to a model behind an API and what they cost, against the migration's budget."""
+    tokens, cost = progress.spend() if live else (0, 0.0)
+    return {"tokens": tokens, "cost": round(cost, 6), "max_cost": record.max_cost}

@@ -150,6 +150,46 @@ def lazy_sentence_transformer() -> type:
     return LazySentenceTransformer
 
 
+def lazy_openai() -> type:
+    """Chroma's ``OpenAIEmbeddingFunction``, recorded on the collections of a model behind an
+    API so that a plain Chroma client embeds its queries through the same endpoint.
+
+    Chroma's own class needs the ``openai`` package and the key at construction, and chromadb
+    builds it on every ``get_collection``: reading a collection would then fail wherever either
+    is missing (every reembed process). This one records itself exactly as Chroma's does and
+    builds Chroma's class only when it is called to embed.
+    """
+    from chromadb.utils.embedding_functions import known_embedding_functions
+    from chromadb.utils.embedding_functions.openai_embedding_function import OpenAIEmbeddingFunction
+
+    current = known_embedding_functions.get("openai")
+    if current is not None and getattr(current, "lazy", False):
+        return current
+
+    class LazyOpenAI(OpenAIEmbeddingFunction):
+        lazy = True
+        KEYS = ("api_key_env_var", "model_name", "organization_id", "api_base", "api_type", "api_version",
+                "deployment_id", "default_headers", "dimensions")
+
+        def __init__(self, **config: Any) -> None:
+            for key in self.KEYS:
+                setattr(self, key, config.get(key))
+            self._real: OpenAIEmbeddingFunction | None = None
+
+        def __call__(self, input: Any) -> Any:  # noqa: A002 - Chroma's signature
+            if self._real is None:
+                self._real = OpenAIEmbeddingFunction(**{k: getattr(self, k) for k in self.KEYS
+                                                        if getattr(self, k) is not None})
+            return self._real(input)
+
+        @staticmethod
+        def build_from_config(config: dict[str, Any]) -> LazyOpenAI:
+            return LazyOpenAI(**config)
+
+    known_embedding_functions["openai"] = LazyOpenAI
+    return LazyOpenAI
+
+
 class Store:
     """A Chroma server, addressed by URL, with the few operations reembed needs.
 
@@ -170,6 +210,7 @@ class Store:
         self.url = url
         self._handles: dict[str, Any] = {}
         lazy_sentence_transformer()
+        lazy_openai()
         self._check_credentials(headers or {}, ssl_verify)
         try:
             with mapped_errors(f"connecting to {url}"):
@@ -219,6 +260,7 @@ class Store:
         store = cls.__new__(cls)
         store.url, store.client, store._handles = url, client, {}
         lazy_sentence_transformer()
+        lazy_openai()
         return store
 
     def collection(self, name: str) -> Any:
@@ -262,16 +304,20 @@ class Store:
         return True
 
     def create(self, name: str, metadata: dict[str, Any], hnsw: dict[str, Any] | None = None,
-               model_name: str | None = None, normalize: bool = True) -> Any:
+               model_name: str | None = None, normalize: bool = True,
+               openai_config: dict[str, Any] | None = None) -> Any:
         """Create a collection for vectors we provide: ``hnsw`` settings (default: cosine space),
         and, when ``model_name`` is given, that sentence-transformers model recorded as its
         embedding function the way Chroma's own ``SentenceTransformerEmbeddingFunction`` records
-        it, so that a plain Chroma client embeds queries with the right model."""
+        it, so that a plain Chroma client embeds queries with the right model; ``openai_config``
+        records Chroma's ``OpenAIEmbeddingFunction`` instead (a model behind an API)."""
         if self.exists(name):
             raise CollectionExistsError(f"collection {name!r} already exists; pick another name or delete it first")
         configuration: dict[str, Any] = {"hnsw": {k: v for k, v in (hnsw or {"space": "cosine"}).items()
                                                   if k in HNSW_KEYS and v is not None}}
-        if model_name:
+        if openai_config:
+            configuration["embedding_function"] = lazy_openai()(**openai_config)
+        elif model_name:
             configuration["embedding_function"] = lazy_sentence_transformer()(model_name, "cpu", normalize)
         with mapped_errors(f"creating collection {name!r}"):
             return self.client.create_collection(name, metadata=metadata, embedding_function=None,

@@ -34,3 +34,15 @@ if [ ! -x .venv/bin/docker-compose ]; then
   rm -rf "$tmp"
 fi
 python -c "import torch, sentence_transformers, chromadb, celery, reembed"
+
+# infinity-emb: a real OpenAI-compatible embeddings server (not ours) for the API-model tests.
+# It pins numpy < 2, which reembed's environment cannot share, so it gets its own, as a user
+# would run it: .venv-infinity (torch from the same CPU wheel).
+if [ ! -x .venv-infinity/bin/infinity_emb ]; then
+  deactivate
+  python3 -m venv .venv-infinity
+  . .venv-infinity/bin/activate
+  pipq "torch==2.13.0"
+  pipq "infinity-emb[server,torch]==0.0.78"
+  .venv-infinity/bin/infinity_emb v2 --help >/dev/null
+fi

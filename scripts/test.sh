@@ -22,4 +22,4 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Static types first (strict, exceptions named in pyproject.toml): seconds, and a type error fails the run.
 .venv/bin/python -m mypy
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=25 "$@"

@@ -19,8 +19,10 @@ import numpy as np
 import redis
 import structlog
 
+from reembed.budget import Budget
 from reembed.documents import provenance
 from reembed.errors import (
+    BudgetReachedError,
     CollectionNotFoundError,
     InputError,
     MigrationStateError,
@@ -70,8 +72,8 @@ def embed_isolating(embed: Callable[[list[str]], np.ndarray], ids: list[str], te
         if not np.all(np.isfinite(vectors)):
             raise ValueError("the model returned NaN or infinite values")
         return list(range(len(texts))), vectors, {}
-    except RetryableError:
-        raise
+    except (RetryableError, ModelError):
+        raise  # the endpoint or the model, not a document: splitting would not help
     except Exception as exc:  # a poison document: anything the model itself raises
         if len(texts) == 1:
             return [], None, {ids[0]: f"{type(exc).__name__}: {exc}"[:500]}
@@ -166,8 +168,23 @@ def reembed_batch(
     write = store.add if (deliveries == 1 and message.write == "add") else store.upsert
     book = time.perf_counter() - started
     try:
-        written, failed, timings = embed_and_write(model, record.target_collection, ids, message.documents,
-                                                   message.metadatas, write)
+        with model.metered(Budget(progress, record.price_per_million_tokens)):
+            written, failed, timings = embed_and_write(model, record.target_collection, ids, message.documents,
+                                                       message.metadatas, write)
+    except BudgetReachedError as exc:
+        # The next request could pass --max-cost: nothing more is sent. What this batch wrote is
+        # rewritten by id when it runs again after `resume --max-cost`, so nothing counts twice.
+        with contextlib.suppress(MigrationStateError):
+            migration.pause(str(exc))
+        raise PausedError(str(exc)) from None
+    except ModelError as exc:
+        # A model behind an API that changed (its probe moved), answered the wrong dimension or
+        # refused the key: stop before another vector is written. What this batch wrote is
+        # rewritten by id on resume, so nothing is counted twice.
+        with contextlib.suppress(MigrationStateError):
+            migration.fail(f"a worker cannot embed with {record.to_model!r}: {exc}")
+        outcome.dropped = f"migration failed: {exc}"
+        return outcome
     except CollectionNotFoundError:
         if registry.get_migration(migration_id).state == MigrationState.CANCELLED:
             outcome.dropped = "migration was cancelled"

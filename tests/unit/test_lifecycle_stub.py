@@ -9,10 +9,14 @@ duplicate recording runs here without a worker, a server or a model. The real-pr
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import hashlib
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +56,10 @@ class FakeModel:
                 for t in texts]
         out = np.asarray(rows, dtype=np.float32).reshape(len(texts), DIM) + 1.0
         return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    @contextlib.contextmanager
+    def metered(self, meter: object) -> Iterator[None]:  # a local model: nothing to charge
+        yield
 
     def require_fingerprint(self, expected: str, what: str) -> None:
         if expected != self.fingerprint:
