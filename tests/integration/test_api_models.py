@@ -88,13 +88,18 @@ def wait_for(control: ControlPlane, migration_id: str, state: MigrationState) ->
     return final.error or ""
 
 
+def started(api_settings: Settings, start_workers: Callable[..., Workers], tmp_path: Path,
+            ) -> tuple[ControlPlane, Path, list[str]]:
+    """Two workers reading the models file, a control plane, and a DOCS-document corpus with its ids."""
+    start_workers(2, models_file_setting=api_settings.models_file_setting)
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", DOCS)
+    return ControlPlane(api_settings), corpus, [json.loads(line)["_id"] for line in corpus.read_text().splitlines()]
+
+
 def test_an_api_model_ingests_migrates_both_ways_and_serves_search(
         api_settings: Settings, chroma: ChromaServer, infinity: str, proxy: FaultProxy,
         start_workers: Callable[..., Workers], tmp_path: Path) -> None:
-    start_workers(2, models_file_setting=api_settings.models_file_setting)
-    control = ControlPlane(api_settings)
-    corpus = scifact_subset(tmp_path / "corpus.jsonl", DOCS)
-    ids = [json.loads(line)["_id"] for line in corpus.read_text().splitlines()]
+    control, corpus, ids = started(api_settings, start_workers, tmp_path)
 
     ingest = control.ingest("papers", corpus, API_MODEL, batch_size=20)
     wait_for(control, ingest.id, MigrationState.LIVE)
@@ -124,10 +129,7 @@ def test_an_api_model_ingests_migrates_both_ways_and_serves_search(
 def test_a_wrong_dimension_or_a_swapped_model_stops_with_nothing_mixed(
         api_settings: Settings, chroma: ChromaServer, infinity: str, proxy: FaultProxy,
         start_workers: Callable[..., Workers], tmp_path: Path) -> None:
-    start_workers(2, models_file_setting=api_settings.models_file_setting)
-    control = ControlPlane(api_settings)
-    corpus = scifact_subset(tmp_path / "corpus.jsonl", DOCS)
-    ids = [json.loads(line)["_id"] for line in corpus.read_text().splitlines()]
+    control, corpus, ids = started(api_settings, start_workers, tmp_path)
     ingest = control.ingest("papers", corpus, str(need(M2V_MINILM)), batch_size=20)
     wait_for(control, ingest.id, MigrationState.LIVE)
 
