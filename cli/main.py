@@ -263,15 +263,17 @@ _control("cancel", "Cancel a migration and delete its partial target (never the 
 @main.command()
 @click.argument("alias")
 @click.argument("percent", type=click.FloatRange(0, 100))
+@click.option("--fuse", is_flag=True, help="Answer that share from both collections, each ranking with its own "
+              "model, fused with BM25 (the answer says which collection and model found each hit).")
 @json_option
 @click.pass_obj
-def canary(settings: Settings, alias: str, percent: float, as_json: bool) -> None:
+def canary(settings: Settings, alias: str, percent: float, fuse: bool, as_json: bool) -> None:
     """Serve PERCENT of ALIAS's queries from its complete migration target (0 ends the canary)."""
     def run() -> None:
         from producer import ControlPlane
 
         with stack(settings, 0) as local:
-            result = ControlPlane(local.settings).canary(alias, percent)
+            result = ControlPlane(local.settings).canary(alias, percent, fuse)
         emit(as_json, result)
     run_guarded(run)
 
@@ -337,8 +339,8 @@ def _register() -> None:
     """The commands that live in their own modules (the write path, search, serving, assessment)."""
     from cli import assess, folder, serving
 
-    for command in (assess.plan, assess.evaluate, serving.add, serving.upsert, serving.delete, serving.search,
-                    serving.serve, serving.worker, serving.demo, folder.up, folder.down):
+    for command in (assess.plan, assess.evaluate, assess.fusion, serving.add, serving.upsert, serving.delete,
+                    serving.search, serving.serve, serving.worker, serving.demo, folder.up, folder.down):
         main.add_command(command)
 
 

@@ -17,7 +17,9 @@ from typing import Any
 import celery.exceptions
 import structlog
 
+from producer.fusion import fusion_table, set_fusion
 from reembed.documents import validate_corpus
+from reembed.fusion import FusionSpec
 from reembed.errors import (
     AliasExistsError,
     InputError,
@@ -320,10 +322,12 @@ class ControlPlane:
         log.info("alias rolled back", alias=alias, collection=current.previous_collection)
         return self.status(alias)
 
-    def canary(self, alias: str, percent: float) -> dict[str, Any]:
+    def canary(self, alias: str, percent: float, fuse: bool = False) -> dict[str, Any]:
         """Serve ``percent`` of ALIAS's queries from its latest complete migration's target (0 ends it).
 
-        The share is kept in the alias record, which every search process reads on every query.
+        With ``fuse``, that share is answered by both collections, each ranking with its own
+        model, and the rankings are fused with BM25's (``served_by.fused_with``). The share is kept
+        in the alias record, which every search process reads on every query.
 
         Raises:
             InputError: percent outside 0..100.
@@ -343,10 +347,20 @@ class ControlPlane:
                     raise MigrationStateError(
                         f"alias {alias!r} has no complete, verified migration waiting for cutover (latest: {state}); "
                         "run `reembed migrate ALIAS --to MODEL --cutover manual` and wait for it to complete")
-                canary = Canary(collection=record.target_collection, percent=percent, migration_id=record.id)
+                canary = Canary(collection=record.target_collection, percent=percent, migration_id=record.id,
+                                fuse=fuse)
             self.registry.set_canary(alias, canary, current.generation)
-        log.info("canary set", alias=alias, percent=percent)
+        log.info("canary set", alias=alias, percent=percent, fuse=fuse)
         return {**self.status(alias), "canary": canary.model_dump() if canary else None}
+
+    def set_fusion(self, alias: str, model: str | None, fusion: FusionSpec | None) -> dict[str, Any]:
+        """Make ``hybrid`` on ALIAS fuse ``model``'s ranking with BM25 by ``fusion`` (``None``: the default)."""
+        set_fusion(self.registry, self.redis, self.settings, alias, model, fusion)
+        return self.fusions(alias)
+
+    def fusions(self, alias: str) -> dict[str, Any]:
+        """The fusion ``hybrid`` uses for each model of ALIAS, and where each came from."""
+        return {"alias": alias, "fusion": fusion_table(self.registry, self.registry.get_alias(alias), self.settings)}
 
     def history(self, alias: str) -> dict[str, Any]:
         """Every migration (and the ingest) of ALIAS, newest first, and which collection is live."""

@@ -40,6 +40,7 @@ from reembed.errors import (
 from reembed.filters import parse_json_filter
 from reembed.settings import Settings
 from reembed.status import alias_summary, migration_status
+from search.admission import Admission
 from search.prometheus import SearchMetrics, StateCollector
 from search.results import Mode, SearchResponse
 from search.searcher import MAX_K, MAX_QUERY_CHARS, Searcher
@@ -59,6 +60,8 @@ WHERE_HELP = ("metadata filter in Chroma's syntax ({key: value}, $eq $ne $gt $gt
               "$and $or), applied to both retrievers: every hit passes it")
 WHERE_DOCUMENT_HELP = "text filter in Chroma's syntax ($contains, $not_contains, $and, $or), case-sensitive"
 
+FUSION_HELP = ("how hybrid fuses BM25 and semantic for this query: convex[:W] or rrf[:W[:K]], W the semantic "
+               "share (default: what the alias carries for the answering model)")
 QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]
 
 
@@ -76,6 +79,7 @@ class SearchRequest(BaseModel):
     where: dict[str, Any] | None = Field(None, description=WHERE_HELP, examples=[{"year": {"$gte": 2020}}])
     where_document: dict[str, Any] | None = Field(None, description=WHERE_DOCUMENT_HELP,
                                                   examples=[{"$contains": "protein"}])
+    fusion: str | None = Field(None, max_length=64, description=FUSION_HELP, examples=["convex:0.7"])
 
 
 class BatchSearchResponse(BaseModel):
@@ -95,7 +99,7 @@ def _status_for(exc: ReembedError) -> int:
 
 
 #: The query parameters GET /search knows; any other is a 422 (see ``SearchRequest``).
-GET_SEARCH_PARAMS = frozenset({"alias", "q", "k", "mode", "key", "where", "where_document"})
+GET_SEARCH_PARAMS = frozenset({"alias", "q", "k", "mode", "key", "where", "where_document", "fusion"})
 
 
 def known_params(request: Request) -> None:
@@ -141,6 +145,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
                   description="Hybrid BM25 + semantic search by alias, always served by the alias's live "
                               "collection with that collection's own embedding model.")
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(Admission, limit=settings.search_max_in_flight, on_refused=metrics.refused.inc)
 
     def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if not settings.api_key:
@@ -188,18 +193,20 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         where: Annotated[str | None, Query(max_length=64 * 1024, description=WHERE_HELP + " (JSON)")] = None,
         where_document: Annotated[str | None, Query(max_length=64 * 1024,
                                                     description=WHERE_DOCUMENT_HELP + " (JSON)")] = None,
+        fusion: Annotated[str | None, Query(max_length=64, description=FUSION_HELP)] = None,
     ) -> SearchResponse:
         metadata = parse_json_filter(where, "where")
         text = parse_json_filter(where_document, "where_document")
         return observed(mode, lambda: _searcher().search(alias, q, k, mode, client_key=key, where=metadata,
-                                                         where_document=text))
+                                                         where_document=text, fusion=fusion))
 
     @app.post("/search", response_model=SearchResponse | BatchSearchResponse, dependencies=[Depends(authorise)])
     def search_post(body: SearchRequest) -> SearchResponse | BatchSearchResponse:
         def one(query: str) -> SearchResponse:
             return observed(body.mode, lambda: _searcher().search(body.alias, query, body.k, body.mode,
                                                                   client_key=body.key, where=body.where,
-                                                                  where_document=body.where_document))
+                                                                  where_document=body.where_document,
+                                                                  fusion=body.fusion))
         if isinstance(body.q, str):
             return one(body.q)
         return BatchSearchResponse(responses=[one(q) for q in body.q])

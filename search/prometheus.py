@@ -36,6 +36,8 @@ class SearchMetrics:
                                "that answered and HTTP status.", ["mode", "answered", "status"], registry=registry)
         self.latency = Histogram("reembed_search_latency_seconds", "Time to answer one search request.",
                                  ["mode"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.refused = Counter("reembed_search_refused", "Search requests answered 503 because the process held "
+                               "REEMBED_SEARCH_MAX_IN_FLIGHT already.", registry=registry)
 
     def observe(self, mode: str, answered: str, status: int, seconds: float) -> None:
         self.queries.labels(mode=mode, answered=answered, status=str(status)).inc()

@@ -18,6 +18,7 @@ from producer import ControlPlane
 from reembed.models import load_model, resolve_model
 from reembed.registry import MigrationState
 from cli.services import ChromaServer, Workers
+from reembed.fusion import DEFAULT_FUSION
 from reembed.settings import Settings
 from search import Searcher
 from search.api import create_app
@@ -54,15 +55,23 @@ def test_http_search_modes_limits_and_errors(
             assert body["mode"] == mode and body["degraded"] is None
             assert body["served_by"] | {"bm25_index": None} == {
                 "collection": live, "model": "all-MiniLM-L6-v2", "fingerprint": record.fingerprint,
-                "canary": False, "bm25_index": None}
+                "canary": False, "bm25_index": None,
+                "fusion": DEFAULT_FUSION.describe() if mode == "hybrid" else None}
             assert len(body["results"]) == 5 and body["results"][0]["id"] == "4983"
             assert body["results"][0]["metadata"] == {"source": "scifact", "position": 0}
             assert body["results"][0]["document"].startswith("Microstructural development")
             answers[mode] = body["results"]
         assert all(h["ranks"]["semantic"] is None for h in answers["keyword"])
         assert all(h["ranks"]["bm25"] is None for h in answers["semantic"])
-        top = answers["hybrid"][0]
-        assert top["score"] == pytest.approx(1 / (60 + top["ranks"]["bm25"]) + 1 / (60 + top["ranks"]["semantic"]))
+        # A fusion asked for by the request: equal-weight RRF, or the semantic ranking alone.
+        rrf = client.get("/search", params={"alias": "sci", "q": QUERY, "fusion": "rrf:0.5:60"}).json()
+        top = rrf["results"][0]
+        assert rrf["served_by"]["fusion"] == "rrf semantic_weight=0.5 k=60"
+        assert top["score"] == pytest.approx(0.5 / (60 + top["ranks"]["bm25"]) + 0.5 / (60 + top["ranks"]["semantic"]))
+        alone = client.post("/search", json={"alias": "sci", "q": QUERY, "k": 5, "fusion": "convex:1"}).json()
+        assert [h["id"] for h in alone["results"]] == [h["id"] for h in answers["semantic"]]
+        bad = client.get("/search", params={"alias": "sci", "q": QUERY, "fusion": "linear"})
+        assert bad.status_code == 422 and "convex[:WEIGHT] or rrf" in bad.json()["detail"], bad.text
         # POST takes a list of queries
         batch = client.post("/search", json={"alias": "sci", "q": [QUERY, "vitamin D deficiency"], "k": 3})
         assert batch.status_code == 200 and len(batch.json()["responses"]) == 2
