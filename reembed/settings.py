@@ -80,6 +80,9 @@ FIELDS: tuple[Field, ...] = (
           "Empty: the default chosen on SciFact's train split (BENCHMARKS.md, Fusion)."),
     Field("SEARCH_MAX_IN_FLIGHT", "16", "Search requests one `reembed serve` process holds at once; the next is "
           "answered 503 with `Retry-After: 1` at once, instead of queueing and slowing every caller."),
+    Field("CUTOVER_WAIT_S", "60", "Seconds a cutover (automatic or `reembed cutover`) and a canary wait for every "
+          "running search process (`reembed serve`) to prepare the collection they switch to (index built, model "
+          "warmed); 0 switches at once. A process not ready by then answers from the collection it holds."),
     Field("INDEX_REFRESH_S", "1", "Seconds between checks that a BM25 index still matches its collection."),
     Field("API_KEY", "", "When set, the HTTP search requires `Authorization: Bearer <key>`. Never logged."),
     Field("LOG_FORMAT", "auto", "auto (console on a terminal, JSON lines otherwise), console or json."),
@@ -115,6 +118,7 @@ class Settings:
     rrf_k: int
     fusion_setting: str
     search_max_in_flight: int
+    cutover_wait_s: float
     index_refresh_s: float
     api_key: str = field(repr=False)
     log_format: str
@@ -184,6 +188,7 @@ class Settings:
             rrf_k=_int(raw, "RRF_K", 0, 10_000),
             fusion_setting=_fusion(raw["FUSION"]),
             search_max_in_flight=_int(raw, "SEARCH_MAX_IN_FLIGHT", 1, 100_000),
+            cutover_wait_s=_float(raw, "CUTOVER_WAIT_S", 0, 3600),
             index_refresh_s=_float(raw, "INDEX_REFRESH_S", 0.1, 3600),
             api_key=raw["API_KEY"].strip(),
             log_format=log_format,
@@ -219,6 +224,7 @@ class Settings:
             PREFIX + "RRF_K": str(self.rrf_k),
             PREFIX + "FUSION": self.fusion_setting,
             PREFIX + "SEARCH_MAX_IN_FLIGHT": str(self.search_max_in_flight),
+            PREFIX + "CUTOVER_WAIT_S": str(self.cutover_wait_s),
             PREFIX + "INDEX_REFRESH_S": str(self.index_refresh_s),
             PREFIX + "LOG_FORMAT": self.log_format,
             PREFIX + "LOG_LEVEL": self.log_level,

@@ -13,6 +13,7 @@ of a migration about to be cut over.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import threading
 import time
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import redis
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reembed import readiness
 from reembed.errors import (
     AliasNotFoundError,
     InputError,
@@ -119,18 +122,29 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     metrics = SearchMetrics(prometheus)
     prometheus.register(StateCollector(lambda: state["searcher"]))
 
+    process = readiness.process_id()
+
+    def upkeep(starting: bool = False) -> None:
+        """Warm and prepare (``Searcher.warm``), then tell cutovers what this process holds."""
+        searcher: Searcher = state["searcher"]
+        try:
+            state["warm_errors"] = searcher.warm(wait=starting)
+        except ReembedError as exc:  # Chroma down: keep serving from memory
+            state["warm_errors"] = {"*": str(exc)}
+        if searcher.redis is not None:
+            with contextlib.suppress(ReembedError, redis.RedisError):  # Redis is not on the query path
+                readiness.publish(searcher.redis, process, searcher.prepared(),
+                                  max(readiness.READY_TTL_S, 3 * settings.index_refresh_s))
+
     def keep_fresh() -> None:
         while not stop.wait(settings.index_refresh_s):
-            try:
-                state["warm_errors"] = state["searcher"].warm()
-            except ReembedError as exc:  # Chroma down: keep serving from memory
-                state["warm_errors"] = {"*": str(exc)}
+            upkeep()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state["searcher"] is None:
             state["searcher"] = Searcher(settings)
-        state["warm_errors"] = state["searcher"].warm()
+        upkeep(starting=True)
         thread = threading.Thread(target=keep_fresh, name="search-upkeep", daemon=True)
         thread.start()
         try:
@@ -138,6 +152,9 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         finally:
             stop.set()
             thread.join(timeout=5)
+            if state["searcher"].redis is not None:
+                with contextlib.suppress(ReembedError, redis.RedisError):
+                    readiness.withdraw(state["searcher"].redis, process)
             if searcher is None:
                 state["searcher"].close()
 
@@ -178,10 +195,13 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        """Liveness and what is loaded; 200 while the process can answer keyword queries."""
-        loaded = _searcher().indexes.loaded()
-        return {"status": "ok", "indexes": {name: len(index) for name, index in loaded.items()},
-                "problems": state["warm_errors"]}
+        """Liveness and what is loaded; 200 while the process can answer keyword queries. ``ready``:
+        per alias, whether its live collection, its canary and the next target (a migration being
+        verified or waiting for its cutover) are prepared here (index in memory, model warmed)."""
+        searcher = _searcher()
+        loaded = searcher.indexes.loaded()
+        return {"status": "ok", "process": process, "indexes": {name: len(index) for name, index in loaded.items()},
+                "prepared": sorted(searcher.prepared()), "ready": searcher.readiness, "problems": state["warm_errors"]}
 
     @app.get("/search", response_model=SearchResponse, dependencies=[Depends(authorise), Depends(known_params)])
     def search_get(

@@ -52,6 +52,9 @@ class ServedBy(BaseModel):
     canary: bool = Field(False, description="served by the alias's canary collection, not its live one")
     fusion: str | None = Field(None, description="how a hybrid answer fused BM25 and semantic (convex or rrf, "
                                                  "the semantic share, RRF's k)")
+    standing_in_for: str | None = Field(
+        None, description="the alias's live collection, when this process had not prepared it yet (just switched "
+                          "to) and its previous collection, which holds the same documents, answered instead")
     fused_with: ServedCollection | None = Field(
         None, description="a fused canary: the canary collection whose own model's ranking was fused with this one's")
     bm25_index: IndexInfo | None = None

@@ -93,6 +93,8 @@ class Searcher:
         self._aliases: dict[str, AliasRecord] = {}
         self._collections: dict[str, CollectionRecord] = {}
         self._spaces: dict[str, str] = {}
+        self._warmed: set[str] = set()  # collections whose model has embedded a query here
+        self.readiness: dict[str, dict[str, bool | None]] = {}  # alias -> role -> prepared (warm())
         self._lock = threading.Lock()
 
     # -- resolution ----------------------------------------------------------------------------
@@ -143,10 +145,11 @@ class Searcher:
         model.check_probe(record.probe, f"collection {record.name!r}")
         return model
 
-    def keyword_index(self, alias: AliasRecord, wait: bool = False) -> Bm25Index:
-        """The live collection's BM25 index; while it is being rebuilt after a switch, the previous
-        collection's (same documents). Builds synchronously only when no index exists at all."""
-        live = alias.live_collection
+    def keyword_index(self, alias: AliasRecord, wait: bool = False, collection: str | None = None) -> Bm25Index:
+        """The BM25 index of ``collection`` (default: the alias's live one); while it is being
+        rebuilt after a switch, the previous collection's (same documents). Builds synchronously
+        only when no index exists at all."""
+        live = collection or alias.live_collection
         index = self.indexes.current(live)
         if index is None and alias.previous_collection and not wait:
             index = self.indexes.current(alias.previous_collection)
@@ -193,6 +196,9 @@ class Searcher:
         narrowed = parse_filter(where, where_document)
         alias_record, degraded = self.resolve(alias)
         live, canary = choose_collection(alias_record, query, client_key)
+        standing_in = None
+        if not fresh_index:  # a server: answer from what this process holds rather than prepare now
+            live, canary, standing_in = self._stand_in(alias_record, live, canary)
         sides = [live]
         if canary and alias_record.canary is not None and alias_record.canary.fuse:
             # A fused canary: both collections answer, each with its own model, and their
@@ -209,7 +215,7 @@ class Searcher:
         answered: Mode = mode
 
         if mode in ("keyword", "hybrid") or narrowed is not None:  # a filter's share is read off the index
-            index = self.keyword_index(alias_record, wait=fresh_index)
+            index = self.keyword_index(alias_record, wait=fresh_index, collection=live)
         if mode in ("keyword", "hybrid") and index is not None:
             keyword = index.query(query, depth, narrowed)
         if mode in ("semantic", "hybrid"):
@@ -234,7 +240,7 @@ class Searcher:
         fused_with = records[1] if len(records) > 1 and answered != "keyword" else None
         served = ServedBy(
             collection=live, model=record.model, fingerprint=record.fingerprint, canary=canary,
-            fusion=spec.describe() if answered == "hybrid" else None,
+            fusion=spec.describe() if answered == "hybrid" else None, standing_in_for=standing_in,
             fused_with=ServedCollection(collection=fused_with.name, model=fused_with.model,
                                         fingerprint=fused_with.fingerprint) if fused_with else None,
             bm25_index=IndexInfo(collection=index.signature.collection, documents=len(index),
@@ -242,6 +248,56 @@ class Searcher:
         )
         return SearchResponse(alias=alias, mode=answered, query=query, served_by=served, degraded=degraded,
                               results=hits, took_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    # -- prepared collections (reembed.readiness) ------------------------------------------------
+
+    def is_prepared(self, collection: str) -> bool:
+        """Its BM25 index is in memory and its model has embedded a query in this process."""
+        with self._lock:
+            warmed = collection in self._warmed
+        return warmed and collection in self.indexes.loaded()
+
+    def prepared(self) -> set[str]:
+        with self._lock:
+            warmed = set(self._warmed)
+        return warmed & set(self.indexes.loaded())
+
+    def prepare(self, collection: str, wait: bool = False) -> bool:
+        """Start building ``collection``'s index if none exists (``wait``: until built) and warm
+        its model (one query).
+
+        Returns:
+            Whether it is prepared now (an index build may still be running in the background).
+        """
+        if self.indexes.current(collection) is None:
+            building = self.indexes.rebuild_in_background(collection)
+            if wait:
+                building.result()
+        model = self.model_for(self.collection_record(collection))
+        with self._lock:
+            warmed = collection in self._warmed
+        if not warmed:
+            model.embed_queries(["warm-up query"])  # first calls allocate and trace: seconds, not ms
+            with self._lock:
+                self._warmed.add(collection)
+        return self.is_prepared(collection)
+
+    def _stand_in(self, alias: AliasRecord, chosen: str, canary: bool) -> tuple[str, bool, str | None]:
+        """The collection to answer from when ``chosen`` is not prepared in this process yet.
+
+        A canary share falls back to the live collection; a live collection just switched to is
+        stood in for by the previous one (it has the same documents: reembed's write path writes
+        both). One answer is always served by one collection set, never a mix. When nothing else
+        is prepared either (a process just started), ``chosen`` answers and is prepared on the spot.
+        """
+        if self.is_prepared(chosen):
+            return chosen, canary, None
+        if canary and self.is_prepared(alias.live_collection):
+            return alias.live_collection, False, None  # the canary starts here once prepared
+        previous = alias.previous_collection
+        if not canary and previous and self.is_prepared(previous):
+            return previous, False, chosen
+        return chosen, canary, None
 
     def _semantic(self, name: str, record: CollectionRecord, query: str, depth: int, narrowed: Filter | None,
                   index: Bm25Index | None, known: dict[str, tuple[str | None, dict[str, Any]]]) -> list[tuple[str, float]]:
@@ -338,9 +394,12 @@ class Searcher:
 
     # -- background upkeep (the HTTP server calls this every INDEX_REFRESH_S) --------------------
 
-    def warm(self) -> dict[str, str]:
-        """Load every alias's index and model, refresh stale indexes, and prepare the target of any
-        migration about to be cut over (its index and model), so the switch costs queries nothing.
+    def warm(self, wait: bool = False) -> dict[str, str]:
+        """Load every alias's index and model, refresh stale indexes, and prepare the collections a
+        switch may soon serve (a canary's, the target of a migration being verified or waiting for
+        its cutover): their index built and model warmed, so the switch costs queries nothing.
+        ``readiness`` then says, per alias, which of them are prepared here. ``wait`` (at start-up)
+        waits for each live collection's index, so a new process serves from the live collection.
 
         Returns:
             alias -> error, for the aliases that could not be warmed (reported by /aliases).
@@ -348,14 +407,16 @@ class Searcher:
         from reembed.registry import MigrationState
 
         problems: dict[str, str] = {}
+        readiness: dict[str, dict[str, bool | None]] = {}
         for alias in self.registry.aliases():
             with self._lock:
                 self._aliases[alias.alias] = alias
+            roles: dict[str, bool | None] = {"live": None, "canary": None, "next": None}
             try:
-                self.keyword_index(alias)  # also schedules its freshness check when one is due
-                self.model_for(self.collection_record(alias.live_collection))
+                self.keyword_index(alias)  # builds the first index; schedules freshness checks
+                roles["live"] = self.prepare(alias.live_collection, wait)
                 if alias.canary is not None:
-                    self.model_for(self.collection_record(alias.canary.collection))
+                    roles["canary"] = self.prepare(alias.canary.collection)
                 latest = self.registry.latest_migration(alias.alias)
                 if latest and latest.kind == "migrate" and latest.state == MigrationState.RUNNING:
                     # Load the new model long before the cutover: loading it on the first query
@@ -364,11 +425,11 @@ class Searcher:
                     load_configured(self.settings, latest.to_model)
                 if latest and latest.kind == "migrate" and latest.state in (MigrationState.VERIFYING,
                                                                            MigrationState.COMPLETE):
-                    if self.indexes.current(latest.target_collection) is None:
-                        self.indexes.rebuild_in_background(latest.target_collection)
-                    self.model_for(self.collection_record(latest.target_collection))
+                    roles["next"] = self.prepare(latest.target_collection)
             except ReembedError as exc:
                 problems[alias.alias] = str(exc)
+            readiness[alias.alias] = roles
+        self.readiness = readiness
         return problems
 
     def close(self) -> None:
