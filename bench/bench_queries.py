@@ -25,7 +25,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +34,6 @@ import torch  # noqa: E402
 from bench.common import ROOT, SCIFACT, percentile, write_section  # noqa: E402
 from reembed.metrics import read_qrels, read_queries  # noqa: E402
 from reembed.models import LoadedModel, load_model, resolve_model  # noqa: E402
-from reembed.query_batching import QueryBatcher  # noqa: E402
 
 CALLERS = (1, 4, 16)
 WAYS = ("serialized", "serialized, 2 torch threads", "batched")

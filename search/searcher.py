@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -57,10 +57,10 @@ POSTFILTER_MAX = 1000
 #: A semantic hit's score is the cosine similarity of query and document, whatever the space the
 #: collection ranks in (it mirrors its source's). Chroma's distances, for the unit vectors reembed
 #: stores: cosine 1 - cos, ip 1 - dot (= 1 - cos), l2 the squared distance 2 - 2 cos.
-#: A fused canary's semantic mode: the two collections' rankings, each normalised, equal shares.
-SEMANTIC_ONLY = FusionSpec(method="convex", semantic_weight=1.0)
 SIMILARITY: dict[str, Callable[[float], float]] = {
     "cosine": lambda d: 1.0 - d, "ip": lambda d: 1.0 - d, "l2": lambda d: 1.0 - d / 2.0}
+#: A fused canary's semantic mode: the two collections' rankings, each normalised, equal shares.
+SEMANTIC_ONLY = FusionSpec(method="convex", semantic_weight=1.0)
 
 
 def check_query(query: str, k: int, mode: str) -> None:
