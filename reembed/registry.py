@@ -229,14 +229,7 @@ class Registry:
         Raises:
             MigrationStateError: the alias changed since the caller read it.
         """
-        current = self.get_alias(alias)
-        if current.generation != expected_generation:
-            raise MigrationStateError(f"alias {alias!r} changed meanwhile (generation {current.generation}, "
-                                      f"expected {expected_generation}); try again")
-        record = current.model_copy(update={"canary": canary, "generation": current.generation + 1,
-                                            "updated_at": time.time()})
-        self._put("alias", alias, record)
-        return record
+        return self._update_alias(alias, expected_generation, canary=canary)
 
     def set_fusion(self, alias: str, model: str, fusion: FusionSpec | None, expected_generation: int) -> AliasRecord:
         """Set (or with ``None`` forget) the fusion ``hybrid`` uses for ``model`` on ``alias``, in one write.
@@ -244,15 +237,18 @@ class Registry:
         Raises:
             MigrationStateError: the alias changed since the caller read it.
         """
+        chosen = {name: spec for name, spec in self.get_alias(alias).fusion.items() if name != model}
+        if fusion is not None:
+            chosen[model] = fusion
+        return self._update_alias(alias, expected_generation, fusion=chosen)
+
+    def _update_alias(self, alias: str, expected_generation: int, **changes: Any) -> AliasRecord:
+        """Change fields of the alias record in one write, if nobody changed it since the caller read it."""
         current = self.get_alias(alias)
         if current.generation != expected_generation:
             raise MigrationStateError(f"alias {alias!r} changed meanwhile (generation {current.generation}, "
                                       f"expected {expected_generation}); try again")
-        chosen = {name: spec for name, spec in current.fusion.items() if name != model}
-        if fusion is not None:
-            chosen[model] = fusion
-        record = current.model_copy(update={"fusion": chosen, "generation": current.generation + 1,
-                                            "updated_at": time.time()})
+        record = current.model_copy(update={**changes, "generation": current.generation + 1, "updated_at": time.time()})
         self._put("alias", alias, record)
         return record
 
