@@ -15,7 +15,7 @@ from cli.common import (
     run_guarded,
     stack,
 )
-from reembed.errors import ReembedError
+from reembed.errors import InputError, ReembedError
 from reembed.settings import Settings
 
 
@@ -67,11 +67,13 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int, sample: in
               help="Write report.md, report.json and metrics.png here.")
 @click.option("--here", is_flag=True,
               help="Embed the sample in this process instead of on the workers (their GPUs when they have them).")
+@click.option("--apply-fusion", is_flag=True,
+              help="Make ALIAS's hybrid search use the fusion the judged queries chose for each model.")
 @json_option
 @click.pass_obj
 def evaluate(settings: Settings, alias: str, to_model: str, queries: Path | None, qrels: Path | None,
              sample: int | None, k: int, min_gain: float, tolerance: float, compare: str, synthetic: int,
-             report_dir: Path | None, here: bool, as_json: bool) -> None:
+             report_dir: Path | None, here: bool, apply_fusion: bool, as_json: bool) -> None:
     """Score old model, new model, BM25 and hybrid on ALIAS; exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE."""
     from producer.evaluate import Evaluator, write_report
     from reembed.evaluation import VERDICT_EXIT
@@ -81,15 +83,20 @@ def evaluate(settings: Settings, alias: str, to_model: str, queries: Path | None
     def run() -> None:
         with stack(settings, None if not here else 0) as local:
             report = Evaluator(local.settings, on_workers=not here).run(
-                alias, to_model, queries, qrels, sample, k, min_gain, tolerance, synthetic, compare)
+                alias, to_model, queries, qrels, sample, k, min_gain, tolerance, synthetic, compare,
+                apply_fusion=apply_fusion)
         if report_dir is not None:
             report["files"] = [str(p) for p in write_report(report, report_dir)]
         d = report["difference"]
         rows = [f"{name:<11} " + "  ".join(f"{m} {v:.4f}" for m, v in values.items())
                 for name, values in report["metrics"].items()]
+        fusion = [f"fusion {side}: serves {row['served']}; "
+                  + (f"judged queries choose {row['recommended_fusion']} ({report['metric']} {row['cross_validated']:.4f} "
+                     f"cross-validated{', applied' if apply_fusion else ''})" if row["recommended"] else row["why_not"])
+                  for side, row in report["fusion"].items()]
         emit(as_json, report, "\n".join([*rows, f"{report['compare']} {report['metric']}: {d['mean']:+.4f} "
                                            f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] -> {report['verdict']} "
-                                           f"({report['queries']} {report['queries_kind']})"]))
+                                           f"({report['queries']} {report['queries_kind']})", *fusion]))
         outcome["verdict"] = report["verdict"]
 
     try:
@@ -97,3 +104,35 @@ def evaluate(settings: Settings, alias: str, to_model: str, queries: Path | None
     except ReembedError as exc:
         fail(str(exc), 2)  # an error is 2 here: 1 and 3 are verdicts
     sys.exit(VERDICT_EXIT[outcome["verdict"]])
+
+
+@click.command()
+@click.argument("alias")
+@click.option("--model", default=None, help="The model whose fusion to set (default: the live collection's).")
+@click.option("--set", "chosen", default=None, metavar="FUSION",
+              help="convex[:W] or rrf[:W[:K]], W = the semantic ranking's share (0: BM25 only, 1: semantic only).")
+@click.option("--reset", is_flag=True, help="Forget the model's fusion: the default (REEMBED_FUSION) applies again.")
+@json_option
+@click.pass_obj
+def fusion(settings: Settings, alias: str, model: str | None, chosen: str | None, reset: bool, as_json: bool) -> None:
+    """Show or set how `hybrid` fuses BM25 with each model's ranking on ALIAS.
+
+    `reembed evaluate --queries Q --qrels R --apply-fusion` sets it from judged queries; this sets it by hand.
+    """
+    from producer import ControlPlane
+    from reembed.fusion import parse_fusion
+
+    def run() -> None:
+        if chosen is not None and reset:
+            raise InputError("give --set or --reset, not both")
+        with stack(settings, 0) as local:
+            control = ControlPlane(local.settings)
+            if chosen is not None or reset:
+                spec = parse_fusion(chosen, settings.rrf_k, "--set") if chosen is not None else None
+                result = control.set_fusion(alias, model, spec)
+            else:
+                result = control.fusions(alias)
+        lines = [f"{r['model']}: {r['fusion']} ({'set on the alias' if r['carried_by_alias'] else 'default'}"
+                 f"{': ' + r['tuned_on'] if r['tuned_on'] else ''})" for r in result["fusion"]]
+        emit(as_json, result, "\n".join(lines))
+    run_guarded(run)

@@ -235,8 +235,12 @@ def _control(verb: str, help_text: str, argument: str) -> None:
             needs_workers = verb == "resume"
             with stack(settings, workers if needs_workers else 0, needs_workers) as local:
                 cp = ControlPlane(local.settings)
-                result = (cp.resume(kwargs[argument], stalled=local.no_worker, max_cost=kwargs.get("max_cost"))
-                          if needs_workers else getattr(cp, verb)(kwargs[argument]))
+                if needs_workers:
+                    result = cp.resume(kwargs[argument], stalled=local.no_worker, max_cost=kwargs.get("max_cost"))
+                elif verb == "cutover":
+                    result = cp.cutover(kwargs[argument], search_wait_s=kwargs.get("search_wait_s"))
+                else:
+                    result = getattr(cp, verb)(kwargs[argument])
                 # A cutover (or a rollback to a rolled-back target) may start a final catch-up:
                 # with an embedded Redis only the folder's workers can see it: run them, and wait.
                 catching_up = bool(result.get("catching_up")) and local.embedded
@@ -251,6 +255,10 @@ def _control(verb: str, help_text: str, argument: str) -> None:
 
 
 _control("cutover", "Switch ALIAS to its migration's complete, verified target (one atomic write).", "alias")
+main.commands["cutover"].params.append(click.Option(
+    ["--search-wait-s"], type=click.FloatRange(0, 3600), default=None,
+    help="Seconds to wait for every running search process to prepare the target first (default "
+         "REEMBED_CUTOVER_WAIT_S; 0 switches at once: a process not ready answers from the old collection meanwhile)."))
 _control("rollback", "Switch ALIAS back to its previous collection (one atomic write).", "alias")
 _control("pause", "Pause a running migration; its batches wait in the queue.", "migration_id")
 _control("resume", "Resume a paused migration, or rebuild one whose Redis was lost by diffing.", "migration_id")
@@ -263,15 +271,17 @@ _control("cancel", "Cancel a migration and delete its partial target (never the 
 @main.command()
 @click.argument("alias")
 @click.argument("percent", type=click.FloatRange(0, 100))
+@click.option("--fuse", is_flag=True, help="Answer that share from both collections, each ranking with its own "
+              "model, fused with BM25 (the answer says which collection and model found each hit).")
 @json_option
 @click.pass_obj
-def canary(settings: Settings, alias: str, percent: float, as_json: bool) -> None:
+def canary(settings: Settings, alias: str, percent: float, fuse: bool, as_json: bool) -> None:
     """Serve PERCENT of ALIAS's queries from its complete migration target (0 ends the canary)."""
     def run() -> None:
         from producer import ControlPlane
 
         with stack(settings, 0) as local:
-            result = ControlPlane(local.settings).canary(alias, percent)
+            result = ControlPlane(local.settings).canary(alias, percent, fuse)
         emit(as_json, result)
     run_guarded(run)
 
@@ -337,8 +347,8 @@ def _register() -> None:
     """The commands that live in their own modules (the write path, search, serving, assessment)."""
     from cli import assess, folder, serving
 
-    for command in (assess.plan, assess.evaluate, serving.add, serving.upsert, serving.delete, serving.search,
-                    serving.serve, serving.worker, serving.demo, folder.up, folder.down):
+    for command in (assess.plan, assess.evaluate, assess.fusion, serving.add, serving.upsert, serving.delete,
+                    serving.search, serving.serve, serving.worker, serving.demo, folder.up, folder.down):
         main.add_command(command)
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import structlog
 
 from reembed.errors import ConfigError, StoreUnavailableError
@@ -50,11 +51,27 @@ class ChromaServer:
 
     def __init__(self, path: Path, port: int | None = None) -> None:
         self.path = path
+        self.chosen_port = port is None  # a port we picked may be taken meanwhile: pick another
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ChromaServer:
+    def start(self, attempts: int = 3) -> ChromaServer:
+        """Start and wait until *this* server answers: a heartbeat from another process that took
+        the port meanwhile (the port is free when picked, not reserved) does not count; then a
+        new port is picked, when this object picked the first."""
+        for attempt in range(attempts):
+            if self._start_once():
+                return self
+            if not self.chosen_port or attempt == attempts - 1:
+                break
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+        raise StoreUnavailableError(f"`chroma run` could not serve on {self.url}: the port is taken; see "
+                                    f"{self.path.parent / 'chroma.log'}")
+
+    def _start_once(self) -> bool:
+        """True once this process serves the heartbeat; False if it exited with the port taken."""
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path.parent / "chroma.log", "ab") as logfile:  # the child keeps its own copy
             self.process = subprocess.Popen(
@@ -67,16 +84,37 @@ class ChromaServer:
 
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if self._port_taken():
+                    return False
                 raise StoreUnavailableError(
                     f"`chroma run` exited with {self.process.returncode}; see {self.path.parent / 'chroma.log'}"
                 )
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/api/v2/heartbeat", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/api/v2/heartbeat", timeout=1).status_code == 200 and self._listening():
                     log.info("chroma started", url=self.url, path=str(self.path))
-                    return self
+                    return True
             time.sleep(0.1)
         self.stop()
         raise StoreUnavailableError(f"`chroma run` did not answer on {self.url} within {CHROMA_START_TIMEOUT_S} s")
+
+    def _listening(self) -> bool:
+        """Whether our child (not another process) listens on the port."""
+        assert self.process is not None
+        try:
+            parent = psutil.Process(self.process.pid)
+            connections = [c for p in (parent, *parent.children(recursive=True))
+                           for c in p.net_connections(kind="tcp")]
+        except psutil.Error:
+            return False
+        return any(c.laddr and c.laddr.port == self.port and c.status == psutil.CONN_LISTEN for c in connections)
+
+    def _port_taken(self) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", self.port))
+            except OSError:
+                return True
+        return False
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -71,28 +71,32 @@ def delete(settings: Settings, alias: str, ids: tuple[str, ...], as_json: bool) 
 @click.option("--mode", type=click.Choice(["hybrid", "semantic", "keyword"]), default="hybrid", show_default=True)
 @click.option("--where", metavar="JSON", help='Metadata filter in Chroma\'s syntax, e.g. \'{"year": {"$gte": 2020}}\'.')
 @click.option("--where-document", metavar="JSON", help='Text filter in Chroma\'s syntax, e.g. \'{"$contains": "cell"}\'.')
+@click.option("--fusion", metavar="FUSION", help="For hybrid: convex[:W] or rrf[:W[:K]], W the semantic share "
+              "(default: what ALIAS carries for its model, `reembed fusion`).")
 @json_option
 @click.pass_obj
 def search(settings: Settings, alias: str, query: str, k: int, mode: str, where: str | None,
-           where_document: str | None, as_json: bool) -> None:
-    """Search ALIAS: BM25 and/or its live collection's own model, fused by rank; a filter applies
-    to both."""
+           where_document: str | None, fusion: str | None, as_json: bool) -> None:
+    """Search ALIAS: BM25 and/or its live collection's own model, fused; a filter applies to both."""
     def run() -> None:
         from reembed.filters import parse_filter, parse_json_filter
+        from reembed.fusion import parse_fusion
         from search import Searcher
 
         metadata = parse_json_filter(where, "--where")
         text = parse_json_filter(where_document, "--where-document")
         parse_filter(metadata, text)  # a bad filter is refused before any service starts
+        spec = parse_fusion(fusion, settings.rrf_k, "--fusion") if fusion else None
         with stack(settings, 0) as local:
             searcher = Searcher(local.settings)
             try:
                 result = searcher.search(alias, query, k, mode, fresh_index=True,  # type: ignore[arg-type]
-                                         where=metadata, where_document=text)
+                                         where=metadata, where_document=text, fusion=spec)
             finally:
                 searcher.close()
         served = result.served_by
-        lines = [f"{result.mode} search of {alias}: {served.collection} ({served.model}), {result.took_ms} ms"]
+        fused = f", {served.fusion}" if served.fusion else ""
+        lines = [f"{result.mode} search of {alias}: {served.collection} ({served.model}{fused}), {result.took_ms} ms"]
         if result.degraded:
             lines.append(f"degraded: {result.degraded}")
         lines += [f"{h.score:8.4f}  {h.id:<16} bm25={h.ranks.bm25 or '-':<4} semantic={h.ranks.semantic or '-':<4} "

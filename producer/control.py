@@ -17,7 +17,10 @@ from typing import Any
 import celery.exceptions
 import structlog
 
+from producer.fusion import fusion_table, set_fusion
+from reembed import readiness
 from reembed.documents import validate_corpus
+from reembed.fusion import FusionSpec
 from reembed.errors import (
     AliasExistsError,
     InputError,
@@ -254,8 +257,11 @@ class ControlPlane:
 
     # -- cutover, rollback -------------------------------------------------------------------
 
-    def cutover(self, alias: str) -> dict[str, Any]:
+    def cutover(self, alias: str, search_wait_s: float | None = None) -> dict[str, Any]:
         """Point ALIAS at its latest migration's complete, verified target in one write.
+
+        Waits up to ``search_wait_s`` (default ``REEMBED_CUTOVER_WAIT_S``) for every running search
+        process to prepare the target first; ``search_not_ready`` names those that had not.
 
         A final catch-up first: the target is diffed against the source once more, so writes made
         since the migration completed (or since a rollback) are not lost. If they differ, a
@@ -286,8 +292,10 @@ class ControlPlane:
             migration.restart("final catch-up before cutover", verify=True, cutover="auto")
             log.info("final catch-up before cutover", alias=alias, migration_id=record.id, documents=behind)
             return {**self.status(alias), "catching_up": behind}
-        migration.go_live(self.store)
-        return {**self.status(alias), "catching_up": 0}
+        wait = self.settings.cutover_wait_s if search_wait_s is None else search_wait_s
+        migration.go_live(self.store, wait)
+        return {**self.status(alias), "catching_up": 0,
+                "search_not_ready": readiness.not_ready(self.redis, record.target_collection)}
 
     def rollback(self, alias: str) -> dict[str, Any]:
         """Point ALIAS back at its previous collection in one write; both collections are kept.
@@ -320,10 +328,12 @@ class ControlPlane:
         log.info("alias rolled back", alias=alias, collection=current.previous_collection)
         return self.status(alias)
 
-    def canary(self, alias: str, percent: float) -> dict[str, Any]:
+    def canary(self, alias: str, percent: float, fuse: bool = False) -> dict[str, Any]:
         """Serve ``percent`` of ALIAS's queries from its latest complete migration's target (0 ends it).
 
-        The share is kept in the alias record, which every search process reads on every query.
+        With ``fuse``, that share is answered by both collections, each ranking with its own
+        model, and the rankings are fused with BM25's (``served_by.fused_with``). The share is kept
+        in the alias record, which every search process reads on every query.
 
         Raises:
             InputError: percent outside 0..100.
@@ -331,6 +341,11 @@ class ControlPlane:
         """
         if not 0 <= percent <= 100:
             raise InputError(f"canary percent {percent} is out of range: use 0..100 (0 ends the canary)")
+        latest = self.registry.latest_migration(alias)
+        if percent > 0 and latest is not None and latest.kind == "migrate" and self.settings.cutover_wait_s > 0:
+            # Search processes prepare a complete migration's target as "next": wait (outside the
+            # lock) so the canary's first queries find it prepared; any not ready answer from live.
+            readiness.wait_until_ready(self.redis, latest.target_collection, self.settings.cutover_wait_s)
         with alias_lock(self.redis, alias):
             current = self.registry.get_alias(alias)
             canary = None
@@ -343,10 +358,20 @@ class ControlPlane:
                     raise MigrationStateError(
                         f"alias {alias!r} has no complete, verified migration waiting for cutover (latest: {state}); "
                         "run `reembed migrate ALIAS --to MODEL --cutover manual` and wait for it to complete")
-                canary = Canary(collection=record.target_collection, percent=percent, migration_id=record.id)
+                canary = Canary(collection=record.target_collection, percent=percent, migration_id=record.id,
+                                fuse=fuse)
             self.registry.set_canary(alias, canary, current.generation)
-        log.info("canary set", alias=alias, percent=percent)
+        log.info("canary set", alias=alias, percent=percent, fuse=fuse)
         return {**self.status(alias), "canary": canary.model_dump() if canary else None}
+
+    def set_fusion(self, alias: str, model: str | None, fusion: FusionSpec | None) -> dict[str, Any]:
+        """Make ``hybrid`` on ALIAS fuse ``model``'s ranking with BM25 by ``fusion`` (``None``: the default)."""
+        set_fusion(self.registry, self.redis, self.settings, alias, model, fusion)
+        return self.fusions(alias)
+
+    def fusions(self, alias: str) -> dict[str, Any]:
+        """The fusion ``hybrid`` uses for each model of ALIAS, and where each came from."""
+        return {"alias": alias, "fusion": fusion_table(self.registry, self.registry.get_alias(alias), self.settings)}
 
     def history(self, alias: str) -> dict[str, Any]:
         """Every migration (and the ingest) of ALIAS, newest first, and which collection is live."""

@@ -1,6 +1,8 @@
 """`reembed evaluate`: measure old vs new on the same documents and queries before deciding.
 
-Systems scored: the old model, the new model, BM25, and hybrid (RRF of BM25 with each model).
+Systems scored: the old model, the new model, BM25, and hybrid (BM25 fused with each model as
+search would serve it on this alias). With judged queries, the fusion those queries choose for
+each model is reported too (and carried by the alias with ``--apply-fusion``).
 The old side uses the vectors the live collection already stores; the new side uses the target
 of a complete migration to the new model when there is one (so `migrate --cutover manual`, then
 `evaluate`, then `canary`, then `cutover` costs no extra embedding), and otherwise embeds the
@@ -22,8 +24,9 @@ import structlog
 from reembed import evaluation as ev
 from reembed.bm25 import Bm25Index, IndexSignature
 from reembed.errors import InputError, QueueUnavailableError
-from reembed.fusion import reciprocal_rank_fusion
-from reembed.metrics import METRICS, mean_scores, per_query, read_qrels, read_queries
+from reembed.fusion import FusionSpec
+from reembed.fusion_tuning import tune
+from reembed.metrics import METRICS, Qrels, mean_scores, per_query, read_qrels, read_queries
 from reembed.models import LoadedModel, load_configured, resolve_configured
 from reembed.registry import MigrationRecord, MigrationState, Registry
 from reembed.settings import Settings
@@ -130,12 +133,52 @@ class Evaluator:
             raise InputError(f"{len(missing)} sampled documents are missing from {collection!r} (first: {missing[0]})")
         return np.stack([rows[i] for i in ids])
 
+    def _fusion(self, served: dict[str, FusionSpec], scored: dict[str, dict[str, list[tuple[str, float]]]],
+                qrels: Qrels, metric: str, judged_queries: bool) -> dict[str, Any]:
+        """Per side: the fusion served now and, from judged queries, the one they choose."""
+        out: dict[str, Any] = {}
+        for side, spec in served.items():
+            row: dict[str, Any] = {"served": spec.describe(), "recommended": None}
+            if judged_queries:
+                lists = {q: (scored["bm25"][q], scored[side][q]) for q in scored[side]}
+                try:
+                    tuning = tune(lists, qrels, metric)
+                except InputError as exc:
+                    row["why_not"] = str(exc)
+                else:
+                    row.update(recommended=tuning.chosen.model_dump(), recommended_fusion=tuning.chosen.describe(),
+                               in_sample=tuning.in_sample, cross_validated=tuning.cross_validated,
+                               references=tuning.references)
+            else:
+                row["why_not"] = "synthetic queries (cut out of the documents) favour BM25: give judged queries"
+            out[side] = row
+        return out
+
+    def _apply_fusion(self, alias: str, fusion: dict[str, Any], models: dict[str, str]) -> None:
+        """Make the alias carry each recommended fusion for its model."""
+        from producer.fusion import set_fusion
+        from reembed.progress import redis_client
+
+        client = redis_client(self.settings.redis_url)
+        for side, row in fusion.items():
+            if row.get("recommended") is None:
+                raise InputError(f"no fusion to apply for the {side} model: {row.get('why_not')}")
+            set_fusion(self.registry, client, self.settings, alias, models[side], FusionSpec.model_validate(row["recommended"]))
+
     def run(self, alias: str, to_model: str, queries_file: Path | None = None, qrels_file: Path | None = None,
             sample: int | None = None, k: int = 10, min_gain: float = 0.01, tolerance: float = 0.01,
-            synthetic: int = 200, compare: str = "semantic", metric: str = "ndcg@10") -> dict[str, Any]:
-        """Score every system and give the verdict for ``compare`` (semantic or hybrid) on ``metric``."""
+            synthetic: int = 200, compare: str = "semantic", metric: str = "ndcg@10",
+            apply_fusion: bool = False) -> dict[str, Any]:
+        """Score every system and give the verdict for ``compare`` (semantic or hybrid) on ``metric``.
+
+        With judged queries, also choose the fusion of each model with BM25 on these documents
+        (``reembed.fusion_tuning``); ``apply_fusion`` makes the alias carry both choices.
+        """
         if (queries_file is None) != (qrels_file is None):
             raise InputError("give both --queries and --qrels (BEIR files), or neither for synthetic queries")
+        if apply_fusion and queries_file is None:
+            raise InputError("--apply-fusion needs judged queries (--queries and --qrels): a fusion chosen on "
+                             "synthetic queries, cut out of the documents, would favour BM25")
         if compare not in ("semantic", "hybrid") or metric not in METRICS:
             raise InputError(f"compare semantic or hybrid on one of {', '.join(METRICS)}")
         current = self.registry.get_alias(alias)
@@ -172,15 +215,19 @@ class Evaluator:
                 new_vectors, new_source = self._embed_documents(new_model, texts_used)
         qids = list(queries)
         qtexts = [queries[q] for q in qids]
-        runs: dict[str, dict[str, list[str]]] = {
+        scored = {  # each retriever's top DEPTH as (id, score): what a fusion needs
             "old": dict(zip(qids, ev.dense_rankings(old_model.embed_queries(qtexts), old_vectors, ids, DEPTH), strict=True)),
             "new": dict(zip(qids, ev.dense_rankings(new_model.embed_queries(qtexts), new_vectors, ids, DEPTH), strict=True)),
         }
         index = Bm25Index.build(IndexSignature("evaluation", len(ids), 0), ids, list(texts_used), [None] * len(ids))
-        runs["bm25"] = {q: [h.id for h in index.query(queries[q], DEPTH)] for q in qids}
-        for side in ("old", "new"):
-            runs[f"hybrid-{side}"] = {q: [f.id for f in reciprocal_rank_fusion(
-                {"bm25": runs["bm25"][q], "semantic": runs[side][q]}, k=self.settings.rrf_k)][:DEPTH] for q in qids}
+        scored["bm25"] = {q: [(h.id, h.score) for h in index.query(queries[q], DEPTH)] for q in qids}
+        runs = {name: {q: [i for i, _ in hits] for q, hits in by_query.items()} for name, by_query in scored.items()}
+        served = {"old": current.fusion.get(old_record.model) or self.settings.fusion,
+                  "new": current.fusion.get(new_spec.name) or self.settings.fusion}
+        for side, spec in served.items():  # what `hybrid` would serve with each model on this alias
+            runs[f"hybrid-{side}"] = {q: [f.id for f in spec.fuse(scored["bm25"][q], scored[side][q])][:DEPTH]
+                                      for q in qids}
+        fusion = self._fusion(served, scored, qrels, metric, judged_queries=not edited and queries_file is not None)
         scores = {name: mean_scores(run, qrels) for name, run in runs.items()}
         pair = ("new", "old") if compare == "semantic" else ("hybrid-new", "hybrid-old")
         new_q, old_q = (per_query(runs[p], qrels)[metric] for p in pair)
@@ -193,8 +240,10 @@ class Evaluator:
             "collection_documents": self.store.count(current.live_collection), "k": k,
             "metrics": scores, "compare": f"{pair[0]} vs {pair[1]}", "metric": metric,
             "difference": {"mean": diff.mean, "ci95": [diff.low, diff.high], "queries": diff.queries},
-            "min_gain": min_gain, "tolerance": tolerance, "verdict": decision,
+            "min_gain": min_gain, "tolerance": tolerance, "verdict": decision, "fusion": fusion,
         }
+        if apply_fusion:
+            self._apply_fusion(alias, fusion, {"old": old_record.model, "new": new_spec.name})
         if target is not None:
             self.registry.record_verdict(target.id, decision)
         log.info("evaluation done", alias=alias, verdict=decision, mean=round(diff.mean, 4))
@@ -223,6 +272,12 @@ def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
     ]
     lines += [f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in metrics) + " |"
               for name, values in report["metrics"].items()]
+    for side, row in report.get("fusion", {}).items():
+        chosen = (f"the judged queries choose **{row['recommended_fusion']}**: {report['metric']} "
+                  f"{row['cross_validated']:.4f} cross-validated ({row['in_sample']:.4f} in sample; BM25 "
+                  f"{row['references']['bm25']:.4f}, semantic {row['references']['semantic']:.4f})"
+                  if row["recommended"] else row["why_not"])
+        lines += ["", f"Fusion with the {side} model: serves {row['served']}; {chosen}."]
     lines += ["", "![metrics](metrics.png)", ""]
     (directory / "report.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(9, 4))

@@ -314,6 +314,7 @@ class ApiModel(LoadedModel):
         self.tokens = token_counter(decl.tokenizer, decl.name)
         self.client = EmbeddingClient(decl.endpoint(), limiter)
         self._lock = threading.Lock()
+        self._queries = None  # requests run concurrently: nothing to batch behind a lock
         self.truncated = 0  # inputs cut to max_input_tokens by this process
         self._probe_tokens = self.tokens.count([PROBE_TEXT])[0]
         self.probe = self.client.embed([PROBE_TEXT], [self._probe_tokens])[0][0]

@@ -28,8 +28,8 @@ VERDICT_EXIT = {GO: 0, NO_GO: 1, INCONCLUSIVE: 3}
 
 
 def dense_rankings(query_vectors: np.ndarray, doc_vectors: np.ndarray, doc_ids: Sequence[str],
-                   k: int) -> list[list[str]]:
-    """Top ``k`` document ids per query by cosine similarity."""
+                   k: int) -> list[list[tuple[str, float]]]:
+    """Top ``k`` (document id, cosine similarity) per query, best first."""
     q = query_vectors / (np.linalg.norm(query_vectors, axis=1, keepdims=True) + 1e-12)
     d = doc_vectors / (np.linalg.norm(doc_vectors, axis=1, keepdims=True) + 1e-12)
     scores = q @ d.T
@@ -38,7 +38,7 @@ def dense_rankings(query_vectors: np.ndarray, doc_vectors: np.ndarray, doc_ids: 
     out = []
     for row, candidates in zip(scores, top, strict=True):
         ordered = candidates[np.argsort(-row[candidates], kind="stable")]
-        out.append([doc_ids[i] for i in ordered])
+        out.append([(doc_ids[i], float(row[i])) for i in ordered])
     return out
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import redis
 import structlog
 
+from reembed import readiness
 from reembed.errors import CollectionNotFoundError, MigrationStateError
 from reembed.messages import BatchMessage, Outbox
 from reembed.progress import ALIAS_LOCK_TTL_S, Progress, alias_lock
@@ -176,8 +177,12 @@ class Migration:
         log.info("migration complete", migration_id=self.id, alias=self.record.alias, **counts)
         return self.record
 
-    def go_live(self, store: Store) -> MigrationRecord:
+    def go_live(self, store: Store, search_wait_s: float = 0.0) -> MigrationRecord:
         """Switch the alias to this verified target in one write (idempotent).
+
+        First waits up to ``search_wait_s`` for every running search process to prepare the
+        target (``reembed.readiness``), so the switch changes only which prepared collection
+        answers; one still not ready keeps answering from the source meanwhile.
 
         Refused when the alias no longer serves this migration's source (a rollback, or another
         migration, switched it meanwhile): the target would lack the writes made since.
@@ -186,6 +191,12 @@ class Migration:
         if not store.exists(record.target_collection):
             raise CollectionNotFoundError(f"target collection {record.target_collection!r} of migration "
                                           f"{record.id} is gone")
+        if search_wait_s > 0 and record.kind == "migrate" and record.state != S.LIVE:
+            waiting = readiness.wait_until_ready(self.progress.r, record.target_collection, search_wait_s)
+            if waiting:
+                log.warning("switching before every search process prepared the target; they answer from the "
+                            "source until they have", alias=record.alias, collection=record.target_collection,
+                            processes=waiting, waited_s=search_wait_s)
         # Wait for the lock: a small migration can finish before the producer that started it lets go.
         with alias_lock(self.progress.r, record.alias, wait_s=ALIAS_LOCK_TTL_S):
             current = self.registry.get_alias(record.alias) if self.registry.has_alias(record.alias) else None

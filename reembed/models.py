@@ -24,6 +24,7 @@ import numpy as np
 import structlog
 
 from reembed.errors import ModelError, ModelMismatchError, ModelNotFoundError
+from reembed.query_batching import QueryBatcher
 from reembed.runtimes import check_backend, openvino_cache, use_openvino
 from reembed.weights import LocalDirectory, PipPackage, SplitZip, WeightSource
 
@@ -280,6 +281,8 @@ class LoadedModel:
         self.batch_size = batch_size
         self._model = model
         self._lock = threading.Lock()  # torch modules are not safe to call from two threads at once
+        #: Concurrent single queries (a search server's requests) share one forward pass.
+        self._queries: QueryBatcher | None = QueryBatcher(lambda texts: self._run(texts, 64), self._lock)
         self.probe = self.embed_documents([PROBE_TEXT])[0]
         self.dimension = int(self.probe.shape[0])
         #: What the model was trained to score by (sentence-transformers' own declaration).
@@ -290,15 +293,21 @@ class LoadedModel:
         return self._encode([self.spec.document_prefix + t for t in texts], batch_size or self.batch_size)
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
-        """Embed queries (query prefix applied)."""
-        return self._encode([self.spec.query_prefix + t for t in texts], 64)
+        """Embed queries (query prefix applied); single queries from concurrent callers are
+        embedded together (``reembed.query_batching``)."""
+        prefixed = [self.spec.query_prefix + t for t in texts]
+        if len(prefixed) == 1 and self._queries is not None:
+            return self._queries.embed(prefixed[0])[None, :]
+        return self._encode(prefixed, 64)
 
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         with self._lock:
-            vectors = self._model.encode(
-                texts, batch_size=batch_size, normalize_embeddings=self.spec.normalize,
-                convert_to_numpy=True, show_progress_bar=False,
-            )
+            return self._run(texts, batch_size)
+
+    def _run(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """One encode call; the caller holds ``_lock``."""
+        vectors = self._model.encode(texts, batch_size=batch_size, normalize_embeddings=self.spec.normalize,
+                                     convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
     @contextlib.contextmanager

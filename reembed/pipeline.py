@@ -357,14 +357,15 @@ def _pump_locked(feeder: Feeder, keep_feeding_s: float, lost_after_s: float) -> 
         time.sleep(PUMP_POLL_S)
 
 
-def finalize(migration: Migration, store: Store) -> str:
-    """Verify the target; complete the migration (and switch the alias with ``cutover=auto``),
-    or start a catch-up round of what differs. Returns the new state."""
+def finalize(migration: Migration, store: Store, search_wait_s: float = 0.0) -> str:
+    """Verify the target; complete the migration (and switch the alias with ``cutover=auto``,
+    after waiting up to ``search_wait_s`` for the search processes to prepare it), or start a
+    catch-up round of what differs. Returns the new state."""
     record = migration.record
     progress = migration.progress
     bound_log = log.bind(migration_id=record.id, alias=record.alias, collection=record.target_collection)
     if record.state == MigrationState.COMPLETE and record.error is None:
-        return _maybe_go_live(migration, store)  # verified before; its automatic switch was retried
+        return _maybe_go_live(migration, store, search_wait_s)  # verified before; its automatic switch was retried
     if record.state not in (MigrationState.RUNNING, MigrationState.VERIFYING):
         return str(record.state.value)
     record = migration.verifying()
@@ -378,7 +379,7 @@ def finalize(migration: Migration, store: Store) -> str:
                            f"vs {counts['done']} counted")
             return MigrationState.FAILED.value
         migration.complete(counts)
-        return _maybe_go_live(migration, store)
+        return _maybe_go_live(migration, store)  # an ingest: no search process serves the alias yet
     started = time.perf_counter()
     delta = diff(store, record, failed | skipped)
     bound_log.info("source and target diffed", seconds=round(time.perf_counter() - started, 3),
@@ -390,19 +391,19 @@ def finalize(migration: Migration, store: Store) -> str:
     total = delta["source"] + len(skipped) + len(failed)
     if not redo:
         migration.complete({**counts, "total": total, "done": delta["matching"]})
-        return _maybe_go_live(migration, store)
+        return _maybe_go_live(migration, store, search_wait_s)
     bound_log.info("catching up", missing=len(delta["missing"]), stale=len(delta["stale"]),
                    extra=len(delta["extra"]))
     migration.catch_up(redo, total=total, done=delta["matching"])
     return MigrationState.RUNNING.value
 
 
-def _maybe_go_live(migration: Migration, store: Store) -> str:
+def _maybe_go_live(migration: Migration, store: Store, search_wait_s: float = 0.0) -> str:
     record = migration.record
     if record.kind != "ingest" and record.cutover != "auto":
         return MigrationState.COMPLETE.value
     try:
-        migration.go_live(store)
+        migration.go_live(store, search_wait_s)
     except RetryableError:
         raise  # Chroma or Redis unreachable: the task retries the switch
     except ReembedError as exc:  # complete but not switched: say why; `reembed cutover` can retry

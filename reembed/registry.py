@@ -23,6 +23,7 @@ from reembed.errors import (
     MigrationNotFoundError,
     MigrationStateError,
 )
+from reembed.fusion import FusionSpec
 from reembed.store import Store, mapped_errors
 
 REGISTRY_COLLECTION = "reembed-registry"
@@ -66,6 +67,9 @@ class Canary(BaseModel):
     collection: str
     percent: float = Field(gt=0, le=100)
     migration_id: str
+    #: False: the share is answered by the canary collection alone. True: by both collections,
+    #: each with its own model, their rankings fused with BM25's.
+    fuse: bool = False
 
 
 class AliasRecord(BaseModel):
@@ -77,6 +81,9 @@ class AliasRecord(BaseModel):
     canary: Canary | None = None
     generation: int = 1
     updated_at: float = Field(default_factory=time.time)
+    #: model name -> how ``hybrid`` fuses BM25 with that model's ranking on this alias (set by
+    #: ``reembed fusion`` or ``evaluate --apply-fusion``); a model not here gets the default.
+    fusion: dict[str, FusionSpec] = Field(default_factory=dict)
 
 
 class PlanRecord(BaseModel):
@@ -203,6 +210,7 @@ class Registry:
             live_collection=to_collection,
             previous_collection=current.live_collection if current else None,
             generation=(current.generation + 1) if current else 1,
+            fusion=current.fusion if current else {},  # per model: still right after the switch
         )  # a switch ends any canary: the canary either went live or is no longer wanted
         self._put("alias", alias, record)
         return record
@@ -221,12 +229,26 @@ class Registry:
         Raises:
             MigrationStateError: the alias changed since the caller read it.
         """
+        return self._update_alias(alias, expected_generation, canary=canary)
+
+    def set_fusion(self, alias: str, model: str, fusion: FusionSpec | None, expected_generation: int) -> AliasRecord:
+        """Set (or with ``None`` forget) the fusion ``hybrid`` uses for ``model`` on ``alias``, in one write.
+
+        Raises:
+            MigrationStateError: the alias changed since the caller read it.
+        """
+        chosen = {name: spec for name, spec in self.get_alias(alias).fusion.items() if name != model}
+        if fusion is not None:
+            chosen[model] = fusion
+        return self._update_alias(alias, expected_generation, fusion=chosen)
+
+    def _update_alias(self, alias: str, expected_generation: int, **changes: Any) -> AliasRecord:
+        """Change fields of the alias record in one write, if nobody changed it since the caller read it."""
         current = self.get_alias(alias)
         if current.generation != expected_generation:
             raise MigrationStateError(f"alias {alias!r} changed meanwhile (generation {current.generation}, "
                                       f"expected {expected_generation}); try again")
-        record = current.model_copy(update={"canary": canary, "generation": current.generation + 1,
-                                            "updated_at": time.time()})
+        record = current.model_copy(update={**changes, "generation": current.generation + 1, "updated_at": time.time()})
         self._put("alias", alias, record)
         return record
 

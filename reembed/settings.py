@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from reembed.errors import ConfigError
+from reembed.errors import ConfigError, InputError
+from reembed.fusion import DEFAULT_FUSION, FusionSpec, parse_fusion
 from reembed.runtimes import parse_backend
 
 PREFIX = "REEMBED_"
@@ -73,7 +74,15 @@ FIELDS: tuple[Field, ...] = (
     Field("TORCH_THREADS", "1", "Torch threads per worker process; one per process scales best "
           "on a shared CPU (models.md)."),
     Field("SEARCH_DEPTH", "100", "Candidates each retriever returns before fusion (at least k)."),
-    Field("RRF_K", "60", "The k of reciprocal rank fusion: 1/(k + rank) per retriever."),
+    Field("RRF_K", "60", "The k of reciprocal rank fusion (`rrf` fusions that name none): 1/(k + rank) per retriever."),
+    Field("FUSION", "", "How `hybrid` fuses BM25 and semantic for a model its alias carries no fusion for "
+          "(`reembed fusion`, `evaluate --apply-fusion`): convex[:W] or rrf[:W[:K]], W the semantic share. "
+          "Empty: the default chosen on SciFact's train split (BENCHMARKS.md, Fusion)."),
+    Field("SEARCH_MAX_IN_FLIGHT", "16", "Search requests one `reembed serve` process holds at once; the next is "
+          "answered 503 with `Retry-After: 1` at once, instead of queueing and slowing every caller."),
+    Field("CUTOVER_WAIT_S", "60", "Seconds a cutover (automatic or `reembed cutover`) and a canary wait for every "
+          "running search process (`reembed serve`) to prepare the collection they switch to (index built, model "
+          "warmed); 0 switches at once. A process not ready by then answers from the collection it holds."),
     Field("INDEX_REFRESH_S", "1", "Seconds between checks that a BM25 index still matches its collection."),
     Field("API_KEY", "", "When set, the HTTP search requires `Authorization: Bearer <key>`. Never logged."),
     Field("LOG_FORMAT", "auto", "auto (console on a terminal, JSON lines otherwise), console or json."),
@@ -107,6 +116,9 @@ class Settings:
     torch_threads: int
     search_depth: int
     rrf_k: int
+    fusion_setting: str
+    search_max_in_flight: int
+    cutover_wait_s: float
     index_refresh_s: float
     api_key: str = field(repr=False)
     log_format: str
@@ -124,6 +136,11 @@ class Settings:
         if self.models_file_setting:
             return Path(self.models_file_setting).expanduser().resolve()
         return self.data_dir / "models.toml"
+
+    @property
+    def fusion(self) -> FusionSpec:
+        """The fusion of ``hybrid`` for a model whose alias carries none."""
+        return parse_fusion(self.fusion_setting, self.rrf_k) if self.fusion_setting else DEFAULT_FUSION
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -169,6 +186,9 @@ class Settings:
             torch_threads=_int(raw, "TORCH_THREADS", 1, 256),
             search_depth=_int(raw, "SEARCH_DEPTH", 1, 1000),
             rrf_k=_int(raw, "RRF_K", 0, 10_000),
+            fusion_setting=_fusion(raw["FUSION"]),
+            search_max_in_flight=_int(raw, "SEARCH_MAX_IN_FLIGHT", 1, 100_000),
+            cutover_wait_s=_float(raw, "CUTOVER_WAIT_S", 0, 3600),
             index_refresh_s=_float(raw, "INDEX_REFRESH_S", 0.1, 3600),
             api_key=raw["API_KEY"].strip(),
             log_format=log_format,
@@ -202,6 +222,9 @@ class Settings:
             PREFIX + "TORCH_THREADS": str(self.torch_threads),
             PREFIX + "SEARCH_DEPTH": str(self.search_depth),
             PREFIX + "RRF_K": str(self.rrf_k),
+            PREFIX + "FUSION": self.fusion_setting,
+            PREFIX + "SEARCH_MAX_IN_FLIGHT": str(self.search_max_in_flight),
+            PREFIX + "CUTOVER_WAIT_S": str(self.cutover_wait_s),
             PREFIX + "INDEX_REFRESH_S": str(self.index_refresh_s),
             PREFIX + "LOG_FORMAT": self.log_format,
             PREFIX + "LOG_LEVEL": self.log_level,
@@ -210,6 +233,16 @@ class Settings:
             PREFIX + "CHROMA_DATABASE": self.chroma_database,
             PREFIX + "CHROMA_SSL_VERIFY": self.chroma_ssl_verify,
         }
+
+
+def _fusion(raw: str) -> str:
+    text = raw.strip()
+    if text:
+        try:
+            parse_fusion(text)
+        except InputError as exc:
+            raise ConfigError(str(exc)) from exc
+    return text
 
 
 def _headers(raw: str) -> tuple[tuple[str, str], ...]:

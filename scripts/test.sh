@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README and .ci/run): install, make sure Redis runs on 127.0.0.1:6379, run pytest.
-# Unit tests need nothing; integration tests use Redis database 13 (flushed), start their own
+# Unit tests need nothing; integration tests use Redis databases 10-13 (flushed), start their own
 # `chroma run` servers and Celery workers, and the shared/ folder beside the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +22,9 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Static types first (strict, exceptions named in pyproject.toml): seconds, and a type error fails the run.
 .venv/bin/python -m mypy
-exec .venv/bin/python -m pytest --durations=25 "$@"
+# Two test processes (pytest-xdist), each module whole on one of them, each with its own Redis
+# databases (tests/conftest.py); REEMBED_TEST_PROCESSES=0 runs in this process alone.
+processes="${REEMBED_TEST_PROCESSES:-2}"
+parallel=()
+if [ "$processes" != "0" ]; then parallel=(-n "$processes" --dist loadfile); fi
+exec .venv/bin/python -m pytest "${parallel[@]}" --durations=25 "$@"

@@ -13,6 +13,7 @@ of a migration about to be cut over.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import threading
 import time
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import redis
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reembed import readiness
 from reembed.errors import (
     AliasNotFoundError,
     InputError,
@@ -40,6 +43,7 @@ from reembed.errors import (
 from reembed.filters import parse_json_filter
 from reembed.settings import Settings
 from reembed.status import alias_summary, migration_status
+from search.admission import Admission
 from search.prometheus import SearchMetrics, StateCollector
 from search.results import Mode, SearchResponse
 from search.searcher import MAX_K, MAX_QUERY_CHARS, Searcher
@@ -59,6 +63,8 @@ WHERE_HELP = ("metadata filter in Chroma's syntax ({key: value}, $eq $ne $gt $gt
               "$and $or), applied to both retrievers: every hit passes it")
 WHERE_DOCUMENT_HELP = "text filter in Chroma's syntax ($contains, $not_contains, $and, $or), case-sensitive"
 
+FUSION_HELP = ("how hybrid fuses BM25 and semantic for this query: convex[:W] or rrf[:W[:K]], W the semantic "
+               "share (default: what the alias carries for the answering model)")
 QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]
 
 
@@ -76,6 +82,7 @@ class SearchRequest(BaseModel):
     where: dict[str, Any] | None = Field(None, description=WHERE_HELP, examples=[{"year": {"$gte": 2020}}])
     where_document: dict[str, Any] | None = Field(None, description=WHERE_DOCUMENT_HELP,
                                                   examples=[{"$contains": "protein"}])
+    fusion: str | None = Field(None, max_length=64, description=FUSION_HELP, examples=["convex:0.7"])
 
 
 class BatchSearchResponse(BaseModel):
@@ -95,7 +102,7 @@ def _status_for(exc: ReembedError) -> int:
 
 
 #: The query parameters GET /search knows; any other is a 422 (see ``SearchRequest``).
-GET_SEARCH_PARAMS = frozenset({"alias", "q", "k", "mode", "key", "where", "where_document"})
+GET_SEARCH_PARAMS = frozenset({"alias", "q", "k", "mode", "key", "where", "where_document", "fusion"})
 
 
 def known_params(request: Request) -> None:
@@ -115,18 +122,29 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     metrics = SearchMetrics(prometheus)
     prometheus.register(StateCollector(lambda: state["searcher"]))
 
+    process = readiness.process_id()
+
+    def upkeep(starting: bool = False) -> None:
+        """Warm and prepare (``Searcher.warm``), then tell cutovers what this process holds."""
+        searcher: Searcher = state["searcher"]
+        try:
+            state["warm_errors"] = searcher.warm(wait=starting)
+        except ReembedError as exc:  # Chroma down: keep serving from memory
+            state["warm_errors"] = {"*": str(exc)}
+        if searcher.redis is not None:
+            with contextlib.suppress(ReembedError, redis.RedisError):  # Redis is not on the query path
+                readiness.publish(searcher.redis, process, searcher.prepared(),
+                                  max(readiness.READY_TTL_S, 3 * settings.index_refresh_s))
+
     def keep_fresh() -> None:
         while not stop.wait(settings.index_refresh_s):
-            try:
-                state["warm_errors"] = state["searcher"].warm()
-            except ReembedError as exc:  # Chroma down: keep serving from memory
-                state["warm_errors"] = {"*": str(exc)}
+            upkeep()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state["searcher"] is None:
             state["searcher"] = Searcher(settings)
-        state["warm_errors"] = state["searcher"].warm()
+        upkeep(starting=True)
         thread = threading.Thread(target=keep_fresh, name="search-upkeep", daemon=True)
         thread.start()
         try:
@@ -134,6 +152,9 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         finally:
             stop.set()
             thread.join(timeout=5)
+            if state["searcher"].redis is not None:
+                with contextlib.suppress(ReembedError, redis.RedisError):
+                    readiness.withdraw(state["searcher"].redis, process)
             if searcher is None:
                 state["searcher"].close()
 
@@ -141,6 +162,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
                   description="Hybrid BM25 + semantic search by alias, always served by the alias's live "
                               "collection with that collection's own embedding model.")
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(Admission, limit=settings.search_max_in_flight, on_refused=metrics.refused.inc)
 
     def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if not settings.api_key:
@@ -173,10 +195,13 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        """Liveness and what is loaded; 200 while the process can answer keyword queries."""
-        loaded = _searcher().indexes.loaded()
-        return {"status": "ok", "indexes": {name: len(index) for name, index in loaded.items()},
-                "problems": state["warm_errors"]}
+        """Liveness and what is loaded; 200 while the process can answer keyword queries. ``ready``:
+        per alias, whether its live collection, its canary and the next target (a migration being
+        verified or waiting for its cutover) are prepared here (index in memory, model warmed)."""
+        searcher = _searcher()
+        loaded = searcher.indexes.loaded()
+        return {"status": "ok", "process": process, "indexes": {name: len(index) for name, index in loaded.items()},
+                "prepared": sorted(searcher.prepared()), "ready": searcher.readiness, "problems": state["warm_errors"]}
 
     @app.get("/search", response_model=SearchResponse, dependencies=[Depends(authorise), Depends(known_params)])
     def search_get(
@@ -188,18 +213,20 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         where: Annotated[str | None, Query(max_length=64 * 1024, description=WHERE_HELP + " (JSON)")] = None,
         where_document: Annotated[str | None, Query(max_length=64 * 1024,
                                                     description=WHERE_DOCUMENT_HELP + " (JSON)")] = None,
+        fusion: Annotated[str | None, Query(max_length=64, description=FUSION_HELP)] = None,
     ) -> SearchResponse:
         metadata = parse_json_filter(where, "where")
         text = parse_json_filter(where_document, "where_document")
         return observed(mode, lambda: _searcher().search(alias, q, k, mode, client_key=key, where=metadata,
-                                                         where_document=text))
+                                                         where_document=text, fusion=fusion))
 
     @app.post("/search", response_model=SearchResponse | BatchSearchResponse, dependencies=[Depends(authorise)])
     def search_post(body: SearchRequest) -> SearchResponse | BatchSearchResponse:
         def one(query: str) -> SearchResponse:
             return observed(body.mode, lambda: _searcher().search(body.alias, query, body.k, body.mode,
                                                                   client_key=body.key, where=body.where,
-                                                                  where_document=body.where_document))
+                                                                  where_document=body.where_document,
+                                                                  fusion=body.fusion))
         if isinstance(body.q, str):
             return one(body.q)
         return BatchSearchResponse(responses=[one(q) for q in body.q])

@@ -36,6 +36,8 @@ class SearchMetrics:
                                "that answered and HTTP status.", ["mode", "answered", "status"], registry=registry)
         self.latency = Histogram("reembed_search_latency_seconds", "Time to answer one search request.",
                                  ["mode"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.refused = Counter("reembed_search_refused", "Search requests answered 503 because the process held "
+                               "REEMBED_SEARCH_MAX_IN_FLIGHT already.", registry=registry)
 
     def observe(self, mode: str, answered: str, status: int, seconds: float) -> None:
         self.queries.labels(mode=mode, answered=answered, status=str(status)).inc()
@@ -63,6 +65,9 @@ class StateCollector(Collector):
                                  labels=["alias", "migration_id"])
         eta = GaugeMetricFamily("reembed_migration_eta_seconds", "A running migration's estimated time left.",
                                 labels=["alias", "migration_id"])
+        ready = GaugeMetricFamily("reembed_search_ready", "1 when this process has prepared the alias's collection "
+                                  "in that role (live, canary, next: index in memory, model warmed), else 0.",
+                                  labels=["alias", "role"])
         up = GaugeMetricFamily("reembed_state_up", "1 when the registry and Redis could be read for this scrape.")
         searcher = self.searcher()
         ok = 1.0
@@ -71,6 +76,10 @@ class StateCollector(Collector):
             for collection, index in searcher.indexes.loaded().items():
                 index_age.add_metric([collection], max(0.0, now - index.built_at))
                 index_docs.add_metric([collection], len(index))
+            for alias_name, roles in searcher.readiness.items():
+                for role, prepared in roles.items():
+                    if prepared is not None:
+                        ready.add_metric([alias_name, role], 1.0 if prepared else 0.0)
             try:
                 for alias, migration in _aliases(searcher):
                     live.add_metric([alias["alias"], alias["live_collection"], alias["model"]], 1)
@@ -86,7 +95,7 @@ class StateCollector(Collector):
             except ReembedError:  # Chroma or Redis down: say so, keep the rest of the scrape
                 ok = 0.0
         up.add_metric([], ok)
-        yield from (live, canary, index_age, index_docs, docs, rate, eta, up)
+        yield from (live, canary, index_age, index_docs, docs, rate, eta, ready, up)
 
 
 def _aliases(searcher: Searcher) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:

@@ -17,12 +17,14 @@ class Ranks(BaseModel):
     """1-based rank of a hit in each retriever; ``None`` where that retriever did not return it."""
 
     bm25: int | None = None
-    semantic: int | None = None
+    semantic: int | None = Field(None, description="rank by served_by's collection and model")
+    semantic_canary: int | None = Field(None, description="a fused canary: rank by served_by.fused_with's "
+                                                          "collection and model")
 
 
 class Hit(BaseModel):
     id: str
-    score: float = Field(description="RRF score (hybrid), cosine similarity (semantic) or BM25 score (keyword)")
+    score: float = Field(description="fused score (hybrid), cosine similarity (semantic) or BM25 score (keyword)")
     document: str | None
     metadata: dict[str, Any]
     ranks: Ranks
@@ -37,11 +39,24 @@ class IndexInfo(BaseModel):
     built_at: float
 
 
+class ServedCollection(BaseModel):
+    collection: str
+    model: str
+    fingerprint: str
+
+
 class ServedBy(BaseModel):
     collection: str
     model: str
     fingerprint: str
     canary: bool = Field(False, description="served by the alias's canary collection, not its live one")
+    fusion: str | None = Field(None, description="how a hybrid answer fused BM25 and semantic (convex or rrf, "
+                                                 "the semantic share, RRF's k)")
+    standing_in_for: str | None = Field(
+        None, description="the alias's live collection, when this process had not prepared it yet (just switched "
+                          "to) and its previous collection, which holds the same documents, answered instead")
+    fused_with: ServedCollection | None = Field(
+        None, description="a fused canary: the canary collection whose own model's ranking was fused with this one's")
     bm25_index: IndexInfo | None = None
 
 

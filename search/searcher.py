@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,14 @@ from reembed.errors import (
 )
 from reembed.filter_index import passing
 from reembed.filters import Filter, parse_filter
-from reembed.fusion import reciprocal_rank_fusion
+from reembed.fusion import FusionSpec, parse_fusion
 from reembed.models import LoadedModel, load_configured
 from reembed.progress import read_writes, redis_client
 from reembed.registry import AliasRecord, CollectionRecord, Registry
 from reembed.settings import Settings
 from reembed.store import Page, Store
 from search.indexes import IndexManager
-from search.results import MODES, Hit, IndexInfo, Mode, Ranks, SearchResponse, ServedBy
+from search.results import MODES, Hit, IndexInfo, Mode, Ranks, SearchResponse, ServedBy, ServedCollection
 from search.routing import choose_collection
 
 MAX_K = 1000
@@ -59,6 +59,8 @@ POSTFILTER_MAX = 1000
 #: stores: cosine 1 - cos, ip 1 - dot (= 1 - cos), l2 the squared distance 2 - 2 cos.
 SIMILARITY: dict[str, Callable[[float], float]] = {
     "cosine": lambda d: 1.0 - d, "ip": lambda d: 1.0 - d, "l2": lambda d: 1.0 - d / 2.0}
+#: A fused canary's semantic mode: the two collections' rankings, each normalised, equal shares.
+SEMANTIC_ONLY = FusionSpec(method="convex", semantic_weight=1.0)
 
 
 def check_query(query: str, k: int, mode: str) -> None:
@@ -91,6 +93,8 @@ class Searcher:
         self._aliases: dict[str, AliasRecord] = {}
         self._collections: dict[str, CollectionRecord] = {}
         self._spaces: dict[str, str] = {}
+        self._warmed: set[str] = set()  # collections whose model has embedded a query here
+        self.readiness: dict[str, dict[str, bool | None]] = {}  # alias -> role -> prepared (warm())
         self._lock = threading.Lock()
 
     # -- resolution ----------------------------------------------------------------------------
@@ -141,10 +145,11 @@ class Searcher:
         model.check_probe(record.probe, f"collection {record.name!r}")
         return model
 
-    def keyword_index(self, alias: AliasRecord, wait: bool = False) -> Bm25Index:
-        """The live collection's BM25 index; while it is being rebuilt after a switch, the previous
-        collection's (same documents). Builds synchronously only when no index exists at all."""
-        live = alias.live_collection
+    def keyword_index(self, alias: AliasRecord, wait: bool = False, collection: str | None = None) -> Bm25Index:
+        """The BM25 index of ``collection`` (default: the alias's live one); while it is being
+        rebuilt after a switch, the previous collection's (same documents). Builds synchronously
+        only when no index exists at all."""
+        live = collection or alias.live_collection
         index = self.indexes.current(live)
         if index is None and alias.previous_collection and not wait:
             index = self.indexes.current(alias.previous_collection)
@@ -162,8 +167,7 @@ class Searcher:
     # -- the query -----------------------------------------------------------------------------
 
     def search(self, alias: str, query: str, k: int = 10, mode: Mode = "hybrid", *,
-               rrf_k: int | None = None, weights: Mapping[str, float] | None = None,
-               fresh_index: bool = False, client_key: str | None = None,
+               fusion: FusionSpec | str | None = None, fresh_index: bool = False, client_key: str | None = None,
                where: Any = None, where_document: Any = None) -> SearchResponse:
         """Answer one query.
 
@@ -172,6 +176,9 @@ class Searcher:
                 both retrievers before fusion: every hit passes it.
             client_key: routes a caller to the same side of a canary every time (default: the
                 query text decides).
+            fusion: how ``hybrid`` fuses for this query (a spec, or ``convex:0.7`` /
+                ``rrf:0.5:60``); default: what the alias carries for the answering model, else
+                the settings' default.
             fresh_index: check the BM25 index against the collection and rebuild it before
                 answering (one-shot callers such as the CLI); a server leaves it False and
                 refreshes in the background.
@@ -185,57 +192,130 @@ class Searcher:
         """
         started = time.perf_counter()
         check_query(query, k, mode)
+        asked = parse_fusion(fusion, self.settings.rrf_k, "fusion") if isinstance(fusion, str) else fusion
         narrowed = parse_filter(where, where_document)
         alias_record, degraded = self.resolve(alias)
         live, canary = choose_collection(alias_record, query, client_key)
-        record = self.collection_record(live)  # cached after the first query: served while Chroma is down
+        standing_in = None
+        if not fresh_index:  # a server: answer from what this process holds rather than prepare now
+            live, canary, standing_in = self._stand_in(alias_record, live, canary)
+        sides = [live]
+        if canary and alias_record.canary is not None and alias_record.canary.fuse:
+            # A fused canary: both collections answer, each with its own model, and their
+            # rankings (never their vectors) are fused with BM25's.
+            live = alias_record.live_collection
+            sides = [live, alias_record.canary.collection]
+        records = [self.collection_record(name) for name in sides]  # cached: served while Chroma is down
+        record = records[0]
         depth = max(k, self.settings.search_depth)
         keyword: list[KeywordHit] = []
         index: Bm25Index | None = None
-        semantic_ids: list[str] = []
-        semantic_rows: dict[str, tuple[float, str | None, dict[str, Any]]] = {}
+        semantic: list[list[tuple[str, float]]] = []  # per side, best first: (id, cosine similarity)
+        known: dict[str, tuple[str | None, dict[str, Any]]] = {}  # id -> text and metadata as Chroma returned
         answered: Mode = mode
 
         if mode in ("keyword", "hybrid") or narrowed is not None:  # a filter's share is read off the index
-            index = self.keyword_index(alias_record, wait=fresh_index)
+            index = self.keyword_index(alias_record, wait=fresh_index, collection=live)
         if mode in ("keyword", "hybrid") and index is not None:
             keyword = index.query(query, depth, narrowed)
         if mode in ("semantic", "hybrid"):
             try:
                 if degraded:
                     raise StoreUnavailableError(degraded)
-                model = self.model_for(record)
-                vector = model.embed_queries([query])[0]
-                # A query with no token the model knows (control characters only, for a static
-                # model) embeds to NaN: it has no semantic neighbours, which is not an error.
-                page = self._nearest(live, vector, depth, narrowed, index) if np.all(np.isfinite(vector)) else None
+                semantic = [self._semantic(name, rec, query, depth, narrowed, index, known)
+                            for name, rec in zip(sides, records, strict=True)]
             except StoreUnavailableError as exc:
                 if mode == "semantic":
                     raise
+                semantic, known = [], {}
                 answered, degraded = "keyword", f"semantic retrieval unavailable ({exc}); answered by BM25 only"
-            else:
-                page = page or Page(ids=[], documents=[], metadatas=[])
-                distances: Any = page.distances if page.distances is not None else []
-                to_similarity = SIMILARITY[self.space_of(live)]
-                for doc_id, doc, meta, dist in zip(page.ids, page.documents, page.metadatas, distances, strict=True):
-                    semantic_ids.append(doc_id)
-                    semantic_rows[doc_id] = (to_similarity(float(dist)), doc, meta or {})
 
-        known = {doc_id: (doc, meta) for doc_id, (_, doc, meta) in semantic_rows.items()}
         if narrowed is not None and keyword and not degraded:
             try:
                 keyword = self._confirm(live, keyword, narrowed, known)
             except StoreUnavailableError as exc:
                 degraded = f"keyword hits filtered by the index's copy only (Chroma unreachable: {exc})"
-        hits = self._assemble(answered, k, keyword, semantic_ids, semantic_rows, known, index,
-                              rrf_k if rrf_k is not None else self.settings.rrf_k, weights)
+        spec = asked or alias_record.fusion.get(record.model) or self.settings.fusion
+        hits = self._assemble(answered, k, keyword, semantic, known, index, spec)
+        fused_with = records[1] if len(records) > 1 and answered != "keyword" else None
         served = ServedBy(
             collection=live, model=record.model, fingerprint=record.fingerprint, canary=canary,
+            fusion=spec.describe() if answered == "hybrid" else None, standing_in_for=standing_in,
+            fused_with=ServedCollection(collection=fused_with.name, model=fused_with.model,
+                                        fingerprint=fused_with.fingerprint) if fused_with else None,
             bm25_index=IndexInfo(collection=index.signature.collection, documents=len(index),
                                  built_at=index.built_at) if index is not None and mode != "semantic" else None,
         )
         return SearchResponse(alias=alias, mode=answered, query=query, served_by=served, degraded=degraded,
                               results=hits, took_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    # -- prepared collections (reembed.readiness) ------------------------------------------------
+
+    def is_prepared(self, collection: str) -> bool:
+        """Its BM25 index is in memory and its model has embedded a query in this process."""
+        with self._lock:
+            warmed = collection in self._warmed
+        return warmed and collection in self.indexes.loaded()
+
+    def prepared(self) -> set[str]:
+        with self._lock:
+            warmed = set(self._warmed)
+        return warmed & set(self.indexes.loaded())
+
+    def prepare(self, collection: str, wait: bool = False) -> bool:
+        """Start building ``collection``'s index if none exists (``wait``: until built) and warm
+        its model (one query).
+
+        Returns:
+            Whether it is prepared now (an index build may still be running in the background).
+        """
+        if self.indexes.current(collection) is None:
+            building = self.indexes.rebuild_in_background(collection)
+            if wait:
+                building.result()
+        model = self.model_for(self.collection_record(collection))
+        with self._lock:
+            warmed = collection in self._warmed
+        if not warmed:
+            model.embed_queries(["warm-up query"])  # first calls allocate and trace: seconds, not ms
+            with self._lock:
+                self._warmed.add(collection)
+        return self.is_prepared(collection)
+
+    def _stand_in(self, alias: AliasRecord, chosen: str, canary: bool) -> tuple[str, bool, str | None]:
+        """The collection to answer from when ``chosen`` is not prepared in this process yet.
+
+        A canary share falls back to the live collection; a live collection just switched to is
+        stood in for by the previous one (it has the same documents: reembed's write path writes
+        both). One answer is always served by one collection set, never a mix. When nothing else
+        is prepared either (a process just started), ``chosen`` answers and is prepared on the spot.
+        """
+        if self.is_prepared(chosen):
+            return chosen, canary, None
+        if canary and self.is_prepared(alias.live_collection):
+            return alias.live_collection, False, None  # the canary starts here once prepared
+        previous = alias.previous_collection
+        if not canary and previous and self.is_prepared(previous):
+            return previous, False, chosen
+        return chosen, canary, None
+
+    def _semantic(self, name: str, record: CollectionRecord, query: str, depth: int, narrowed: Filter | None,
+                  index: Bm25Index | None, known: dict[str, tuple[str | None, dict[str, Any]]]) -> list[tuple[str, float]]:
+        """``name``'s nearest documents to ``query`` by its own model, as (id, cosine similarity);
+        their text and metadata are added to ``known``."""
+        vector = self.model_for(record).embed_queries([query])[0]
+        # A query with no token the model knows (control characters only, for a static model)
+        # embeds to NaN: it has no semantic neighbours, which is not an error.
+        if not np.all(np.isfinite(vector)):
+            return []
+        page = self._nearest(name, vector, depth, narrowed, index)
+        distances: Any = page.distances if page.distances is not None else []
+        to_similarity = SIMILARITY[self.space_of(name)]
+        ranked = []
+        for doc_id, doc, meta, dist in zip(page.ids, page.documents, page.metadatas, distances, strict=True):
+            ranked.append((doc_id, to_similarity(float(dist))))
+            known.setdefault(doc_id, (doc, meta or {}))
+        return ranked
 
     def _nearest(self, live: str, vector: np.ndarray, depth: int, narrowed: Filter | None,
                  index: Bm25Index | None) -> Page:
@@ -286,18 +366,16 @@ class Searcher:
         kept = [hit for hit in keyword if hit.id in known]
         return [KeywordHit(hit.id, hit.score, rank) for rank, hit in enumerate(kept, start=1)]
 
-    def _assemble(self, mode: Mode, k: int, keyword: list[KeywordHit], semantic_ids: list[str],
-                  semantic_rows: dict[str, tuple[float, str | None, dict[str, Any]]],
+    def _assemble(self, mode: Mode, k: int, keyword: list[KeywordHit], semantic: list[list[tuple[str, float]]],
                   known: dict[str, tuple[str | None, dict[str, Any]]], index: Bm25Index | None,
-                  rrf_k: int, weights: Mapping[str, float] | None) -> list[Hit]:
+                  fusion: FusionSpec) -> list[Hit]:
         keyword_rank = {h.id: h for h in keyword}
-        semantic_rank = {doc_id: i for i, doc_id in enumerate(semantic_ids, start=1)}
+        side_ranks = [{doc_id: i for i, (doc_id, _) in enumerate(side, start=1)} for side in semantic]
         if mode == "hybrid":
-            fused = reciprocal_rank_fusion({"bm25": [h.id for h in keyword], "semantic": semantic_ids},
-                                           k=rrf_k, weights=weights)
+            fused = fusion.fuse([(h.id, h.score) for h in keyword], *(semantic or [[]]))
             ranked = [(f.id, f.score) for f in fused]
         elif mode == "semantic":
-            ranked = [(doc_id, semantic_rows[doc_id][0]) for doc_id in semantic_ids]
+            ranked = semantic[0] if len(semantic) == 1 else [(f.id, f.score) for f in SEMANTIC_ONLY.fuse([], *semantic)]
         else:
             ranked = [(h.id, h.score) for h in keyword]
         hits = []
@@ -308,15 +386,20 @@ class Searcher:
                 found = index.document(doc_id) if index is not None else None
                 document, metadata = found if found is not None else (None, {})
             bm25 = keyword_rank.get(doc_id)
-            hits.append(Hit(id=doc_id, score=score, document=document, metadata=user_metadata(metadata),
-                            ranks=Ranks(bm25=bm25.rank if bm25 else None, semantic=semantic_rank.get(doc_id))))
+            ranks = Ranks(bm25=bm25.rank if bm25 else None,
+                          semantic=side_ranks[0].get(doc_id) if side_ranks else None,
+                          semantic_canary=side_ranks[1].get(doc_id) if len(side_ranks) > 1 else None)
+            hits.append(Hit(id=doc_id, score=score, document=document, metadata=user_metadata(metadata), ranks=ranks))
         return hits
 
     # -- background upkeep (the HTTP server calls this every INDEX_REFRESH_S) --------------------
 
-    def warm(self) -> dict[str, str]:
-        """Load every alias's index and model, refresh stale indexes, and prepare the target of any
-        migration about to be cut over (its index and model), so the switch costs queries nothing.
+    def warm(self, wait: bool = False) -> dict[str, str]:
+        """Load every alias's index and model, refresh stale indexes, and prepare the collections a
+        switch may soon serve (a canary's, the target of a migration being verified or waiting for
+        its cutover): their index built and model warmed, so the switch costs queries nothing.
+        ``readiness`` then says, per alias, which of them are prepared here. ``wait`` (at start-up)
+        waits for each live collection's index, so a new process serves from the live collection.
 
         Returns:
             alias -> error, for the aliases that could not be warmed (reported by /aliases).
@@ -324,14 +407,16 @@ class Searcher:
         from reembed.registry import MigrationState
 
         problems: dict[str, str] = {}
+        readiness: dict[str, dict[str, bool | None]] = {}
         for alias in self.registry.aliases():
             with self._lock:
                 self._aliases[alias.alias] = alias
+            roles: dict[str, bool | None] = {"live": None, "canary": None, "next": None}
             try:
-                self.keyword_index(alias)  # also schedules its freshness check when one is due
-                self.model_for(self.collection_record(alias.live_collection))
+                self.keyword_index(alias)  # builds the first index; schedules freshness checks
+                roles["live"] = self.prepare(alias.live_collection, wait)
                 if alias.canary is not None:
-                    self.model_for(self.collection_record(alias.canary.collection))
+                    roles["canary"] = self.prepare(alias.canary.collection)
                 latest = self.registry.latest_migration(alias.alias)
                 if latest and latest.kind == "migrate" and latest.state == MigrationState.RUNNING:
                     # Load the new model long before the cutover: loading it on the first query
@@ -340,11 +425,11 @@ class Searcher:
                     load_configured(self.settings, latest.to_model)
                 if latest and latest.kind == "migrate" and latest.state in (MigrationState.VERIFYING,
                                                                            MigrationState.COMPLETE):
-                    if self.indexes.current(latest.target_collection) is None:
-                        self.indexes.rebuild_in_background(latest.target_collection)
-                    self.model_for(self.collection_record(latest.target_collection))
+                    roles["next"] = self.prepare(latest.target_collection)
             except ReembedError as exc:
                 problems[alias.alias] = str(exc)
+            readiness[alias.alias] = roles
+        self.readiness = readiness
         return problems
 
     def close(self) -> None:

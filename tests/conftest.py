@@ -19,8 +19,18 @@ SHARED = Path(os.environ.get("REEMBED_TEST_SHARED", ROOT.parent / "shared"))
 SCIFACT = SHARED / "datasets" / "scifact"
 M2V_MINILM = SHARED / "models" / "m2v-minilm-256"
 M2V_MPNET = SHARED / "models" / "m2v-mpnet-256"
+#: Which of pytest-xdist's processes this is (0 without xdist): each gets its own Redis databases.
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
+def redis_db(base: int) -> int:
+    """Database ``base`` for the first test process, ``base - 2n`` for the n-th: 13 and 12 (the
+    lifecycle-defects module's) for gw0, 11 and 10 for gw1, and so on."""
+    return base - 2 * XDIST_WORKER
+
+
 #: Redis database used by the tests; flushed before and after each test that uses it.
-TEST_REDIS_URL = os.environ.get("REEMBED_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+TEST_REDIS_URL = os.environ.get("REEMBED_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{redis_db(13)}")
 
 
 def need(path: Path) -> Path:

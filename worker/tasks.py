@@ -109,7 +109,7 @@ def finalize_task(self: Task, *args: Any, **kwargs: Any) -> str | None:
     if message is None:
         return None
     try:
-        return pipeline.finalize(_migration(message.migration_id), context.store())
+        return pipeline.finalize(_migration(message.migration_id), context.store(), context.settings().cutover_wait_s)
     except RetryableError as exc:
         log.warning("finalize will be retried", error=str(exc))
         context.reset()

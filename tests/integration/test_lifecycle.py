@@ -76,6 +76,24 @@ def test_writes_during_migration_reach_the_target_and_cutover_catches_up(
     for s in served:
         assert s.model == searcher.collection_record(s.collection).model
         assert (s.collection == migration.target_collection) == s.canary
+    # A fused canary: both collections answer, each with its own model; every hit says which found it.
+    control.canary("sci", 100, fuse=True)
+    fused = searcher.search("sci", "zebrafish heart", 10, "hybrid")
+    served = fused.served_by
+    assert (served.collection, served.model, served.canary) == (source, "all-MiniLM-L6-v2", True)
+    assert served.fused_with is not None and (served.fused_with.collection, served.fused_with.model) == (
+        migration.target_collection, target_model)
+    assert any(h.ranks.semantic_canary is not None for h in fused.results)
+    # ...and each rank is that collection's own ranking by its own model.
+    control.canary("sci", 100)
+    routed = searcher.search("sci", "zebrafish heart", 100, "semantic")
+    assert routed.served_by.collection == migration.target_collection and routed.served_by.fused_with is None
+    control.canary("sci", 0)
+    old = searcher.search("sci", "zebrafish heart", 100, "semantic")
+    new_rank = {h.id: i for i, h in enumerate(routed.results, start=1)}
+    old_rank = {h.id: i for i, h in enumerate(old.results, start=1)}
+    for hit in fused.results:
+        assert (hit.ranks.semantic, hit.ranks.semantic_canary) == (old_rank.get(hit.id), new_rank.get(hit.id))
     control.canary("sci", 0)
     assert not searcher.search("sci", "zebrafish", 5, client_key="c1").served_by.canary
     # Cutover runs a final catch-up (the deletion above), then switches by itself

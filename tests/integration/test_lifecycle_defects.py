@@ -28,13 +28,13 @@ from reembed.documents import Document, content_hash, user_metadata
 from reembed.errors import InputError, MigrationStateError
 from reembed.registry import MigrationState
 from reembed.settings import Settings
-from tests.conftest import M2V_MINILM, M2V_MPNET, need
+from tests.conftest import M2V_MINILM, M2V_MPNET, need, redis_db
 from tests.integration.conftest import flushed_redis
 
 pytestmark = pytest.mark.integration
 
 #: This module's own Redis database (the shared fixtures flush 13 around every test).
-MODULE_REDIS_URL = "redis://127.0.0.1:6379/12"
+MODULE_REDIS_URL = f"redis://127.0.0.1:6379/{redis_db(12)}"
 
 
 @dataclass

@@ -14,10 +14,12 @@ import pytest
 from producer import ControlPlane
 from producer.evaluate import Evaluator, write_report
 from producer.plan import PROBE_DOCS, PROBE_PREFIX, plan
+from reembed.errors import InputError
 from reembed.registry import MigrationState
 from cli.services import Workers
 from reembed.settings import Settings
 from reembed.store import Store
+from search import Searcher
 from tests.conftest import M2V_MPNET, SCIFACT, need
 from tests.integration.conftest import scifact_subset
 
@@ -79,6 +81,21 @@ def test_evaluate_judged_synthetic_on_the_workers_with_report_and_exit_code(
     assert judged["queries"] >= 1 and judged["queries_kind"].startswith("judged")
     assert set(judged["metrics"]) == {"old", "new", "bm25", "hybrid-old", "hybrid-new"}
     assert judged["verdict"] in ("GO", "NO-GO", "INCONCLUSIVE") and judged["new_vectors"] == "embedded here"
+    assert "too few" in judged["fusion"]["new"]["why_not"]  # 5 test queries judge these 150 documents
+    # The train split judges 23 of them: enough to choose each model's fusion, which the alias then carries.
+    tuned = evaluator.run(sci, str(need(M2V_MPNET)), SCIFACT / "queries.jsonl", SCIFACT / "qrels" / "train.tsv",
+                          apply_fusion=True)
+    alias = evaluator.registry.get_alias(sci)
+    for side, model in (("old", "all-MiniLM-L6-v2"), ("new", str(M2V_MPNET))):
+        row = tuned["fusion"][side]
+        assert row["in_sample"] >= max(row["references"]["bm25"], row["references"]["semantic"]) - 1e-9
+        assert alias.fusion[model].describe() == row["recommended_fusion"]
+    searcher = Searcher(settings)
+    served = searcher.search(sci, "vitamin D deficiency", 5).served_by
+    searcher.close()
+    assert served.fusion == tuned["fusion"]["old"]["recommended_fusion"]
+    with pytest.raises(InputError, match="needs judged queries"):
+        evaluator.run(sci, str(need(M2V_MPNET)), synthetic=30, apply_fusion=True)
     synthetic = evaluator.run(sci, str(need(M2V_MPNET)), synthetic=40, sample=120)
     assert synthetic["queries_kind"].startswith("synthetic") and synthetic["queries"] >= 30
     assert synthetic["documents"] == 120

@@ -18,6 +18,8 @@ from producer import ControlPlane
 from reembed.models import load_model, resolve_model
 from reembed.registry import MigrationState
 from cli.services import ChromaServer, Workers
+from reembed import readiness
+from reembed.fusion import DEFAULT_FUSION
 from reembed.settings import Settings
 from search import Searcher
 from search.api import create_app
@@ -54,15 +56,23 @@ def test_http_search_modes_limits_and_errors(
             assert body["mode"] == mode and body["degraded"] is None
             assert body["served_by"] | {"bm25_index": None} == {
                 "collection": live, "model": "all-MiniLM-L6-v2", "fingerprint": record.fingerprint,
-                "canary": False, "bm25_index": None}
+                "canary": False, "bm25_index": None, "standing_in_for": None, "fused_with": None,
+                "fusion": DEFAULT_FUSION.describe() if mode == "hybrid" else None}
             assert len(body["results"]) == 5 and body["results"][0]["id"] == "4983"
             assert body["results"][0]["metadata"] == {"source": "scifact", "position": 0}
             assert body["results"][0]["document"].startswith("Microstructural development")
             answers[mode] = body["results"]
         assert all(h["ranks"]["semantic"] is None for h in answers["keyword"])
         assert all(h["ranks"]["bm25"] is None for h in answers["semantic"])
-        top = answers["hybrid"][0]
-        assert top["score"] == pytest.approx(1 / (60 + top["ranks"]["bm25"]) + 1 / (60 + top["ranks"]["semantic"]))
+        # A fusion asked for by the request: equal-weight RRF, or the semantic ranking alone.
+        rrf = client.get("/search", params={"alias": "sci", "q": QUERY, "fusion": "rrf:0.5:60"}).json()
+        top = rrf["results"][0]
+        assert rrf["served_by"]["fusion"] == "rrf semantic_weight=0.5 k=60"
+        assert top["score"] == pytest.approx(0.5 / (60 + top["ranks"]["bm25"]) + 0.5 / (60 + top["ranks"]["semantic"]))
+        alone = client.post("/search", json={"alias": "sci", "q": QUERY, "k": 5, "fusion": "convex:1"}).json()
+        assert [h["id"] for h in alone["results"]] == [h["id"] for h in answers["semantic"]]
+        bad = client.get("/search", params={"alias": "sci", "q": QUERY, "fusion": "linear"})
+        assert bad.status_code == 422 and "convex[:WEIGHT] or rrf" in bad.json()["detail"], bad.text
         # POST takes a list of queries
         batch = client.post("/search", json={"alias": "sci", "q": [QUERY, "vitamin D deficiency"], "k": 3})
         assert batch.status_code == 200 and len(batch.json()["responses"]) == 2
@@ -155,11 +165,12 @@ def test_search_during_migration_never_mixes_models(
 
     def query_forever(client: TestClient) -> None:
         while not stop.is_set():
+            started = time.perf_counter()
             response = client.get("/search", params={"alias": "sci", "q": QUERY, "k": 10})
             if response.status_code != 200:
                 failures.append(response.text)
             else:
-                seen.append(response.json())
+                seen.append({**response.json(), "seconds": time.perf_counter() - started})
 
     with TestClient(create_app(settings)) as client:
         thread = threading.Thread(target=query_forever, args=(client,))
@@ -168,7 +179,14 @@ def test_search_during_migration_never_mixes_models(
             migration = control.migrate("sci", target_model, batch_size=25, cutover="manual")
             assert control.wait(migration.id, timeout=600).state == MigrationState.COMPLETE
             during = len(seen)
-            control.cutover("sci")
+            # The server prepared the target while it waited for its cutover: the switch waits for
+            # no one, and only changes which prepared collection answers.
+            deadline = time.monotonic() + 120
+            while client.get("/healthz").json()["ready"]["sci"] != {"live": True, "canary": None, "next": True}:
+                assert time.monotonic() < deadline, "the server never prepared the complete migration's target"
+                time.sleep(0.2)
+            switched = control.cutover("sci")
+            assert switched["catching_up"] == 0 and switched["search_not_ready"] == []
             time.sleep(2)
             after_cutover = len(seen)
             control.rollback("sci")
@@ -188,3 +206,33 @@ def test_search_during_migration_never_mixes_models(
     assert set(collections[:during]) == {source}
     assert migration.target_collection in collections[during:after_cutover]
     assert collections[-1] == source  # rolled back
+    assert not any(a["served_by"]["standing_in_for"] for a in seen)  # every collection was prepared in time
+    # The bound this test sets for a switch: no answer after it slower than twice the slowest
+    # answer while the migration kept both cores busy (and at least half a second). Loading the
+    # model or building the index on the query path, as before, took seconds.
+    bound = max(0.5, 2 * max(a["seconds"] for a in seen[:during]))
+    assert max(a["seconds"] for a in seen[during:]) <= bound
+
+
+def test_a_search_process_not_ready_answers_from_the_collection_it_holds(
+        tmp_path: Path, settings: Settings, control: ControlPlane, start_workers: Callable[..., Workers]) -> None:
+    start_workers(2)
+    source = ingest(control, tmp_path, 100)
+    migration = control.migrate("sci", str(need(M2V_MPNET)), batch_size=25, cutover="manual")
+    # A server that prepares only at start-up (its upkeep never runs again): it never holds the target.
+    with TestClient(create_app(settings.with_(index_refresh_s=3600))) as lagging:
+        process = lagging.get("/healthz").json()["process"]
+        assert control.wait(migration.id, timeout=600).state == MigrationState.COMPLETE
+        switched = control.cutover("sci", search_wait_s=1.5)
+        assert switched["search_not_ready"] == [process]  # waited 1.5 s for it, then switched
+        assert control.registry.get_alias("sci").live_collection == migration.target_collection
+        answer = lagging.get("/search", params={"alias": "sci", "q": QUERY}).json()
+        assert answer["served_by"]["collection"] == source and answer["served_by"]["model"] == "all-MiniLM-L6-v2"
+        assert answer["served_by"]["standing_in_for"] == migration.target_collection
+        assert answer["results"][0]["id"] == "4983"
+        # A process that starts now prepares the live collection before serving, and answers from it.
+        with TestClient(create_app(settings)) as fresh:
+            served = fresh.get("/search", params={"alias": "sci", "q": QUERY}).json()["served_by"]
+            assert (served["collection"], served["standing_in_for"]) == (migration.target_collection, None)
+            assert fresh.get("/healthz").json()["ready"]["sci"]["live"] is True
+    assert readiness.processes(control.redis) == {}  # both withdrew on shutdown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from reembed.evaluation import (
     GO,
@@ -18,8 +19,11 @@ from reembed.evaluation import (
 
 def test_dense_rankings_by_cosine() -> None:
     docs = np.array([[1.0, 0.0], [0.7, 0.7], [0.0, 1.0]])
-    assert dense_rankings(np.array([[1.0, 0.1]]), docs, ["a", "b", "c"], 3) == [["a", "b", "c"]]
-    assert dense_rankings(np.array([[0.0, 2.0]]), docs, ["a", "b", "c"], 2) == [["c", "b"]]
+    first = dense_rankings(np.array([[1.0, 0.1]]), docs, ["a", "b", "c"], 3)[0]
+    assert [doc for doc, _ in first] == ["a", "b", "c"]
+    norm = np.hypot(1.0, 0.1)  # scores are cosine similarities
+    assert [score for _, score in first] == pytest.approx([1.0 / norm, 0.77 / (norm * np.hypot(0.7, 0.7)), 0.1 / norm])
+    assert [doc for doc, _ in dense_rankings(np.array([[0.0, 2.0]]), docs, ["a", "b", "c"], 2)[0]] == ["c", "b"]
 
 
 def test_verdict_on_clear_gain_clear_loss_and_noise() -> None:
