@@ -78,7 +78,7 @@ FIELDS: tuple[Field, ...] = (
     Field("FUSION", "", "How `hybrid` fuses BM25 and semantic for a model its alias carries no fusion for "
           "(`reembed fusion`, `evaluate --apply-fusion`): convex[:W] or rrf[:W[:K]], W the semantic share. "
           "Empty: the default chosen on SciFact's train split (BENCHMARKS.md, Fusion)."),
-    Field("SEARCH_MAX_IN_FLIGHT", "16", "Search requests one `reembed serve` process holds at once; the next is "
+    Field("SEARCH_MAX_IN_FLIGHT", "32", "Search requests one `reembed serve` process holds at once; the next is "
           "answered 503 with `Retry-After: 1` at once, instead of queueing and slowing every caller."),
     Field("CUTOVER_WAIT_S", "60", "Seconds a cutover (automatic or `reembed cutover`) and a canary wait for every "
           "running search process (`reembed serve`) to prepare the collection they switch to (index built, model "

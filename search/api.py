@@ -196,8 +196,9 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         """Liveness and what is loaded; 200 while the process can answer keyword queries. ``ready``:
-        per alias, whether its live collection, its canary and the next target (a migration being
-        verified or waiting for its cutover) are prepared here (index in memory, model warmed)."""
+        per alias, whether its live collection, its canary, the next target (a migration being
+        verified or waiting for its cutover) and the previous collection (what a rollback serves)
+        are prepared here (index in memory, model warmed)."""
         searcher = _searcher()
         loaded = searcher.indexes.loaded()
         return {"status": "ok", "process": process, "indexes": {name: len(index) for name, index in loaded.items()},

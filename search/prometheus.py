@@ -66,7 +66,7 @@ class StateCollector(Collector):
         eta = GaugeMetricFamily("reembed_migration_eta_seconds", "A running migration's estimated time left.",
                                 labels=["alias", "migration_id"])
         ready = GaugeMetricFamily("reembed_search_ready", "1 when this process has prepared the alias's collection "
-                                  "in that role (live, canary, next: index in memory, model warmed), else 0.",
+                                  "in that role (live, canary, next, previous: index in memory, model warmed), else 0.",
                                   labels=["alias", "role"])
         up = GaugeMetricFamily("reembed_state_up", "1 when the registry and Redis could be read for this scrape.")
         searcher = self.searcher()

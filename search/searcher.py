@@ -93,7 +93,8 @@ class Searcher:
         self._aliases: dict[str, AliasRecord] = {}
         self._collections: dict[str, CollectionRecord] = {}
         self._spaces: dict[str, str] = {}
-        self._warmed: set[str] = set()  # collections whose model has embedded a query here
+        #: collection -> the warm-up query's vector, once its model has embedded one here
+        self._warmed: dict[str, np.ndarray] = {}
         self.readiness: dict[str, dict[str, bool | None]] = {}  # alias -> role -> prepared (warm())
         self._lock = threading.Lock()
 
@@ -274,12 +275,17 @@ class Searcher:
             if wait:
                 building.result()
         model = self.model_for(self.collection_record(collection))
+        # The first calls of a model allocate and trace (seconds, not ms); and Chroma may have
+        # dropped a collection nobody queried for a while from its cache (reading its index back
+        # stalled the first queries after a rollback): one nearest-neighbour query keeps it warm.
         with self._lock:
-            warmed = collection in self._warmed
-        if not warmed:
-            model.embed_queries(["warm-up query"])  # first calls allocate and trace: seconds, not ms
-            with self._lock:
-                self._warmed.add(collection)
+            vector = self._warmed.get(collection)
+        if vector is None:
+            vector = model.embed_queries(["warm-up query"])[0]
+        if np.all(np.isfinite(vector)):
+            self.store.query(collection, vector, 1)
+        with self._lock:
+            self._warmed[collection] = vector
         return self.is_prepared(collection)
 
     def _stand_in(self, alias: AliasRecord, chosen: str, canary: bool) -> tuple[str, bool, str | None]:
@@ -397,7 +403,8 @@ class Searcher:
     def warm(self, wait: bool = False) -> dict[str, str]:
         """Load every alias's index and model, refresh stale indexes, and prepare the collections a
         switch may soon serve (a canary's, the target of a migration being verified or waiting for
-        its cutover): their index built and model warmed, so the switch costs queries nothing.
+        its cutover, the previous one a rollback returns to): their index built, model warmed and
+        Chroma's copy queried, so the switch costs queries nothing.
         ``readiness`` then says, per alias, which of them are prepared here. ``wait`` (at start-up)
         waits for each live collection's index, so a new process serves from the live collection.
 
@@ -411,12 +418,14 @@ class Searcher:
         for alias in self.registry.aliases():
             with self._lock:
                 self._aliases[alias.alias] = alias
-            roles: dict[str, bool | None] = {"live": None, "canary": None, "next": None}
+            roles: dict[str, bool | None] = {"live": None, "canary": None, "next": None, "previous": None}
             try:
                 self.keyword_index(alias)  # builds the first index; schedules freshness checks
                 roles["live"] = self.prepare(alias.live_collection, wait)
                 if alias.canary is not None:
                     roles["canary"] = self.prepare(alias.canary.collection)
+                if alias.previous_collection and self.store.exists(alias.previous_collection):
+                    roles["previous"] = self.prepare(alias.previous_collection)  # what a rollback serves
                 latest = self.registry.latest_migration(alias.alias)
                 if latest and latest.kind == "migrate" and latest.state == MigrationState.RUNNING:
                     # Load the new model long before the cutover: loading it on the first query

@@ -182,7 +182,8 @@ def test_search_during_migration_never_mixes_models(
             # The server prepared the target while it waited for its cutover: the switch waits for
             # no one, and only changes which prepared collection answers.
             deadline = time.monotonic() + 120
-            while client.get("/healthz").json()["ready"]["sci"] != {"live": True, "canary": None, "next": True}:
+            while client.get("/healthz").json()["ready"]["sci"] != {"live": True, "canary": None, "next": True,
+                                                                    "previous": None}:
                 assert time.monotonic() < deadline, "the server never prepared the complete migration's target"
                 time.sleep(0.2)
             switched = control.cutover("sci")
