@@ -114,6 +114,8 @@ async def load(url: str, texts: list[str], stop: asyncio.Event, records: dict[st
         if (by["model"], by["fingerprint"]) != records[by["collection"]]:
             violations.append(f"{by['collection']} answered as {by['model']}/{by['fingerprint']}")
         switch = "rollback" if "rollback" in events else "cutover" if "cutover" in events else None
+        if switch == "cutover" and scheduled >= events.get("rollback_called", float("inf")):
+            switch = None  # sent while `reembed rollback` ran: either collection may answer
         if switch is not None and scheduled > events[switch] + 1.0 and by["collection"] != events[f"{switch}_to"]:
             if by.get("standing_in_for") == events[f"{switch}_to"]:
                 stood_in += 1
@@ -156,6 +158,7 @@ async def drive(control: ControlPlane, alias: str, to_model: str, stop: asyncio.
     answer = await asyncio.to_thread(control.cutover, alias)
     events.update(cutover=time.monotonic(), cutover_to=record.target_collection)
     await asyncio.sleep(STEADY_WINDOW[1])
+    events["rollback_called"] = time.monotonic()
     await asyncio.to_thread(control.rollback, alias)
     events.update(rollback=time.monotonic(), rollback_to=source)
     await asyncio.sleep(STEADY_WINDOW[1])
