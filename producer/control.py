@@ -342,7 +342,8 @@ class ControlPlane:
         if not 0 <= percent <= 100:
             raise InputError(f"canary percent {percent} is out of range: use 0..100 (0 ends the canary)")
         latest = self.registry.latest_migration(alias)
-        if percent > 0 and latest is not None and latest.kind == "migrate" and self.settings.cutover_wait_s > 0:
+        if (percent > 0 and latest is not None and latest.kind == "migrate" and latest.state == MigrationState.COMPLETE
+                and self.settings.cutover_wait_s > 0):
             # Search processes prepare a complete migration's target as "next": wait (outside the
             # lock) so the canary's first queries find it prepared; any not ready answer from live.
             readiness.wait_until_ready(self.redis, latest.target_collection, self.settings.cutover_wait_s)
