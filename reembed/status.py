@@ -6,6 +6,7 @@ Shared by ``reembed status``, the control plane and the search service's ``GET /
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -18,8 +19,13 @@ from reembed.registry import AliasRecord, MigrationRecord, MigrationState, Regis
 LOST_IF_NOT_IN_REDIS = frozenset({MigrationState.RUNNING, MigrationState.VERIFYING, MigrationState.PAUSED})
 
 
-def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, Any]:
+def migration_status(client: redis.Redis, record: MigrationRecord,
+                     reread: Callable[[], MigrationRecord] | None = None) -> dict[str, Any]:
     """Counts, rate and ETA of one migration.
+
+    ``reread`` reads the record again when Redis already caches a newer state than ``record``:
+    the owner writes Chroma first and Redis second, so a record read before the cache may miss
+    what the cache's state came with (a pause's reason).
 
     Raises:
         QueueUnavailableError: Redis is unreachable.
@@ -29,6 +35,8 @@ def migration_status(client: redis.Redis, record: MigrationRecord) -> dict[str, 
     counts = progress.counts() if live else {"total": record.total, "done": record.done,
                                              "failed": record.failed, "skipped": record.skipped}
     fields = progress.get() if live else {}
+    if reread is not None and fields.get("state") not in (None, record.state.value):
+        record = reread()
     started = float(fields.get("started_at", record.created_at))
     end = float(fields.get("finished_at", 0)) or record.finished_at or time.time()
     rate = counts["done"] / max(end - started, 1e-6)
