@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +112,11 @@ def search(settings: Settings, alias: str, query: str, k: int, mode: str, where:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind; loopback unless you put a proxy or REEMBED_API_KEY in front.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Server processes on one socket: queries embed in parallel; BM25 indexes are one copy "
+                   "on disk, mapped by all.")
 @click.pass_obj
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     """Serve GET/POST /search, /aliases, /healthz and Prometheus /metrics over HTTP (OpenAPI at /docs)."""
     def run() -> None:
         import uvicorn
@@ -120,11 +126,32 @@ def serve(settings: Settings, host: str, port: int) -> None:
         with stack(settings, 0) as local:
             if not settings.chroma_url:
                 click.echo(f"reembed: serving the local Chroma at {local.settings.chroma_url}", err=True)
-            # uvicorn shuts down gracefully on SIGINT and SIGTERM only: a hang-up becomes a SIGTERM.
-            signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-            uvicorn.run(create_app(local.settings), host=host, port=port, log_config=None,
-                        log_level=settings.log_level.lower())
+            options: dict[str, Any] = {"host": host, "port": port, "log_config": None,
+                                       "log_level": settings.log_level.lower()}
+            if workers == 1:
+                # uvicorn shuts down gracefully on SIGINT and SIGTERM only: a hang-up becomes a SIGTERM.
+                signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+                uvicorn.run(create_app(local.settings), **options)
+                return
+            with _metrics_folder(local.settings.data_dir) as folder:
+                # Each process uvicorn spawns imports the app by name and reads its settings (the
+                # services this command started or found included) from the environment.
+                os.environ.update({**local.settings.to_env(), "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+                uvicorn.run("search.api:app_from_environment", factory=True, workers=workers, **options)
     run_guarded(run)
+
+
+@contextlib.contextmanager
+def _metrics_folder(data_dir: Path) -> Iterator[Path]:
+    """A fresh folder for the processes' Prometheus counters, removed when the server stops
+    (counters of a previous server must not be added to this one's)."""
+    folder = data_dir / f"serve-metrics-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

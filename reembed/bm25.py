@@ -6,7 +6,9 @@ stays in the tests as the reference implementation.
 
 An index is immutable once built. It keeps, next to the bm25s matrix, the ids, texts and metadata
 of the documents it was built from, so keyword search can still answer (and say so) while the
-Chroma server is unreachable. It is persisted as plain files (numpy arrays and JSON, never pickle).
+Chroma server is unreachable. It is persisted as plain files (numpy arrays, UTF-8 blobs and JSON,
+never pickle), and a loaded index maps them rather than reading them: the processes of
+``reembed serve --workers N`` share one copy in the page cache (``reembed.text_column``).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ import Stemmer
 from reembed.errors import StoreError
 from reembed.filter_index import FilterIndex
 from reembed.filters import Filter
+from reembed.text_column import JsonColumn, TextColumn
 
 #: bm25s's defaults (Lucene variant, k1=1.5, b=0.75): the MTEB bm25s baseline that scores
 #: 0.687 nDCG@10 on SciFact with English stop words and the Snowball stemmer.
 DEFAULT_PARAMS: dict[str, Any] = {"method": "lucene", "k1": 1.5, "b": 0.75}
 _STEMMER = Stemmer.Stemmer("english")
-_DOCS_FILE = "documents.jsonl"
+_IDS_FILE, _TEXTS_FILE, _METADATA_FILE = "ids.bin", "texts.bin", "metadata.bin"
 _META_FILE = "reembed-index.json"
+#: Bumped when the files change shape: an index of another format is rebuilt, never misread.
+FORMAT = 2
 
 
 def tokenize(texts: list[str]) -> list[list[str]]:
@@ -60,27 +65,29 @@ class KeywordHit:
 class Bm25Index:
     """One collection's BM25 index plus the documents it covers."""
 
-    def __init__(self, signature: IndexSignature, ids: list[str], documents: list[str],
-                 metadatas: list[dict[str, Any]], retriever: bm25s.BM25 | None, built_at: float) -> None:
+    def __init__(self, signature: IndexSignature, ids: TextColumn, documents: TextColumn,
+                 metadatas: JsonColumn, retriever: bm25s.BM25 | None, built_at: float) -> None:
         self.signature = signature
         self.ids = ids
         self.documents = documents
         self.metadatas = metadatas
         self._retriever = retriever  # None for an empty collection
         self.built_at = built_at
-        self._position = {doc_id: i for i, doc_id in enumerate(ids)}
+        self._position: dict[str, int] | None = None  # built when Chroma is down and a document is asked for
         self._filters: FilterIndex | None = None
-        self._filters_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     @classmethod
     def build(cls, signature: IndexSignature, ids: list[str], documents: list[str | None],
               metadatas: list[dict[str, Any] | None], params: dict[str, Any] | None = None) -> Bm25Index:
         texts = [d or "" for d in documents]
         retriever = None
-        if ids:
+        tokens = tokenize(texts) if ids else []
+        if any(tokens):  # bm25s cannot index a corpus without a single term (stop words only)
             retriever = bm25s.BM25(**(params or DEFAULT_PARAMS))
-            retriever.index(tokenize(texts), show_progress=False)
-        return cls(signature, list(ids), texts, [m or {} for m in metadatas], retriever, time.time())
+            retriever.index(tokens, show_progress=False)
+        return cls(signature, TextColumn.of(ids), TextColumn.of(texts), JsonColumn.of(m or {} for m in metadatas),
+                   retriever, time.time())
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -110,7 +117,7 @@ class Bm25Index:
 
     def allowed(self, where: Filter) -> np.ndarray:
         """Which documents pass ``where``, in ``ids`` order (columns built on the first call)."""
-        with self._filters_lock:
+        with self._lock:
             if self._filters is None:
                 self._filters = FilterIndex(self.documents, self.metadatas)
         return self._filters.mask(where)
@@ -123,6 +130,9 @@ class Bm25Index:
 
     def document(self, doc_id: str) -> tuple[str, dict[str, Any]] | None:
         """The indexed copy of a document (text, metadata), used when Chroma cannot be asked."""
+        with self._lock:
+            if self._position is None:
+                self._position = {known: i for i, known in enumerate(self.ids)}
         at = self._position.get(doc_id)
         return None if at is None else (self.documents[at], self.metadatas[at])
 
@@ -133,29 +143,32 @@ class Bm25Index:
         directory.mkdir(parents=True, exist_ok=False)
         if self._retriever is not None:
             self._retriever.save(str(directory), show_progress=False)
-        with open(directory / _DOCS_FILE, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps({"id": doc_id, "text": text, "metadata": meta}, ensure_ascii=False) + "\n" for doc_id, text, meta in zip(self.ids, self.documents, self.metadatas, strict=True))
-        meta_out = {"collection": self.signature.collection, "count": self.signature.count,
+        self.ids.save(directory / _IDS_FILE)
+        self.documents.save(directory / _TEXTS_FILE)
+        self.metadatas.texts.save(directory / _METADATA_FILE)
+        meta_out = {"format": FORMAT, "collection": self.signature.collection, "count": self.signature.count,
                     "writes": self.signature.writes, "built_at": self.built_at, "documents": len(self.ids)}
         (directory / _META_FILE).write_text(json.dumps(meta_out))
 
     @classmethod
     def load(cls, directory: Path) -> Bm25Index:
-        """Load a saved index (memory-mapped matrix: loading 100,000 documents takes milliseconds).
+        """Map a saved index (matrix and documents): milliseconds, and no copy per process.
 
         Raises:
-            StoreError: the directory is incomplete or corrupt; delete it and it is rebuilt.
+            StoreError: the directory is incomplete, corrupt or of another format; delete it and it
+                is rebuilt.
         """
         try:
             meta = json.loads((directory / _META_FILE).read_text())
-            ids, texts, metas = [], [], []
-            with open(directory / _DOCS_FILE, encoding="utf-8") as handle:
-                for line in handle:
-                    row = json.loads(line)
-                    ids.append(row["id"])
-                    texts.append(row["text"])
-                    metas.append(row["metadata"])
-            retriever = bm25s.BM25.load(str(directory), mmap=True, show_progress=False) if ids else None
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format', 1)}, this reembed reads format {FORMAT}")
+            ids = TextColumn.load(directory / _IDS_FILE)
+            texts = TextColumn.load(directory / _TEXTS_FILE)
+            metas = JsonColumn(TextColumn.load(directory / _METADATA_FILE))
+            if not len(ids) == len(texts) == len(metas):
+                raise ValueError(f"{len(ids)} ids, {len(texts)} texts and {len(metas)} metadata rows")
+            has_matrix = (directory / "params.index.json").exists()  # bm25s's own files, absent without terms
+            retriever = bm25s.BM25.load(str(directory), mmap=True, show_progress=False) if has_matrix else None
         except (OSError, ValueError, KeyError) as exc:
             raise StoreError(f"BM25 index at {directory} is unreadable ({exc}); delete the directory to rebuild it") from exc
         signature = IndexSignature(meta["collection"], int(meta["count"]), int(meta["writes"]))

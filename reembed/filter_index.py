@@ -1,12 +1,12 @@
 """Evaluating a checked filter (``reembed.filters``) over the keyword side's copy of a collection:
-metadata as numpy columns built once per index, text as one UTF-8 blob searched by ``bytes.find``.
+metadata as numpy columns built once per index, text as the index's UTF-8 blob searched by ``find``.
 The semantics are Chroma's, as the docstring of ``reembed.filters`` lists them."""
 
 from __future__ import annotations
 
-import bisect
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from reembed.filters import (
     Scalar,
     Text,
 )
+from reembed.text_column import TextColumn
 
 #: Document masks kept per index, by pattern: a repeated ``$contains`` costs nothing.
 TEXT_CACHE_SIZE = 64
@@ -86,14 +87,11 @@ class FilterIndex:
     documents), then shared by every query of that index. Thread-safe.
     """
 
-    def __init__(self, documents: list[str], metadatas: list[dict[str, Any]]) -> None:
+    def __init__(self, documents: TextColumn, metadatas: Sequence[dict[str, Any]]) -> None:
         self.n = len(documents)
-        self._documents = documents
+        self._documents = documents  # possibly memory-mapped: searched in place, never copied
         self._columns = _columns(metadatas, self.n)
-        self._blob: bytes | None = None
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-        self._texts: OrderedDict[str, Mask] = OrderedDict()
+        self._found: OrderedDict[str, Mask] = OrderedDict()
         self._lock = threading.Lock()
 
     def mask(self, flt: Filter) -> Mask:
@@ -130,50 +128,39 @@ class FilterIndex:
     def _contains(self, pattern: str) -> Mask:
         """Documents whose text contains ``pattern`` (case-sensitive), cached by pattern.
 
-        One ``bytes.find`` walks the UTF-8 blob of every text; after a hit it jumps to the next
+        One ``find`` walks the UTF-8 blob of every text; after a hit it jumps to the next
         document, so the Python loop runs once per matching document, not per document. A UTF-8
         pattern can only match at character boundaries, so bytes give the same answer as text.
         """
         with self._lock:
-            cached = self._texts.get(pattern)
+            cached = self._found.get(pattern)
             if cached is not None:
-                self._texts.move_to_end(pattern)
+                self._found.move_to_end(pattern)
                 return cached
-            if self._blob is None:
-                self._build_blob()
-        blob, starts, ends = self._blob, self._starts, self._ends
-        assert blob is not None
+        texts = self._documents
+        blob, starts = texts.blob, texts.starts
         needle = pattern.encode("utf-8")
         found = np.zeros(self.n, dtype=bool)
         at = blob.find(needle)
         while at != -1:
-            doc = bisect.bisect_right(starts, at) - 1
-            if at + len(needle) <= ends[doc]:  # not across the separator into the next text
+            doc = int(np.searchsorted(starts, at, side="right")) - 1
+            if at + len(needle) <= texts.end(doc):  # not across the separator into the next text
                 found[doc] = True
                 if doc + 1 >= self.n:
                     break
-                at = blob.find(needle, starts[doc + 1])
+                at = blob.find(needle, int(starts[doc + 1]))
             else:
                 at = blob.find(needle, at + 1)
         with self._lock:
-            self._texts[pattern] = found
-            while len(self._texts) > TEXT_CACHE_SIZE:
-                self._texts.popitem(last=False)
+            self._found[pattern] = found
+            while len(self._found) > TEXT_CACHE_SIZE:
+                self._found.popitem(last=False)
         return found
-
-    def _build_blob(self) -> None:
-        encoded = [text.encode("utf-8") for text in self._documents]
-        start = 0
-        for text in encoded:
-            self._starts.append(start)
-            self._ends.append(start + len(text))
-            start += len(text) + 1
-        self._blob = b"\x00".join(encoded)
 
 
 def passing(flt: Filter, documents: list[str | None], metadatas: list[dict[str, Any] | None]) -> Mask:
     """Which of a few rows Chroma returned pass ``flt`` (the same rules as a whole index's)."""
-    return FilterIndex([d or "" for d in documents], [m or {} for m in metadatas]).mask(flt)
+    return FilterIndex(TextColumn.of(d or "" for d in documents), [m or {} for m in metadatas]).mask(flt)
 
 
 _ORDER = {"$gt": np.greater, "$gte": np.greater_equal, "$lt": np.less, "$lte": np.less_equal}
@@ -187,7 +174,7 @@ def _as_int64(value: Scalar) -> int:
     return min(max(int(value), INT64_MIN), INT64_MAX)
 
 
-def _columns(metadatas: list[dict[str, Any]], n: int) -> dict[str, _Column]:
+def _columns(metadatas: Sequence[dict[str, Any]], n: int) -> dict[str, _Column]:
     """Turn the metadata into one column per key (a single pass; arrays per type that occurs)."""
     by_key: dict[str, dict[type, tuple[list[int], list[Any]]]] = {}
     for at, metadata in enumerate(metadatas):

@@ -9,12 +9,18 @@ and asking Chroma block.
 Start-up loads every alias's BM25 index (building it the first time) and model before the
 first request is accepted; a background thread then keeps indexes fresh and prepares the target
 of a migration about to be cut over.
+
+Several processes (``reembed serve --workers N``, uvicorn's own supervisor and shared socket):
+each runs ``app_from_environment``, maps the BM25 indexes one of them published (one copy in the
+page cache), publishes its own readiness, and counts in Prometheus's multiprocess files so that
+any process's ``/metrics`` sums the counters of all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,13 +121,32 @@ def known_params(request: Request) -> None:
                                       for name in unknown])
 
 
+#: Set by ``reembed serve --workers N`` before the processes start: prometheus_client then keeps
+#: counters in files there (it reads the variable when it is first imported).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one process of ``reembed serve --workers N``: uvicorn imports it by name in each
+    process it starts, so settings travel as the ``REEMBED_*`` environment (``Settings.to_env``)."""
+    from reembed.logs import configure_logging
+
+    settings = Settings.from_env()
+    configure_logging(settings)
+    return create_app(settings)
+
+
 def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     """The app. Pass a ``searcher`` to share one (tests); otherwise one is made at start-up."""
     state: dict[str, Any] = {"searcher": searcher, "warm_errors": {}}
     stop = threading.Event()
     prometheus = CollectorRegistry()
     metrics = SearchMetrics(prometheus)
-    prometheus.register(StateCollector(lambda: state["searcher"]))
+    scraped = prometheus
+    if os.environ.get(MULTIPROCESS_ENV):  # several processes: counters from every one's files
+        scraped = CollectorRegistry()
+        MultiProcessCollector(scraped)  # type: ignore[no-untyped-call]
+    scraped.register(StateCollector(lambda: state["searcher"]))
 
     process = readiness.process_id()
 
@@ -248,7 +274,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         """Prometheus text format: query counts and latency, live collection per alias, BM25 index
         age, and the progress, rate and ETA of running migrations. Behind the API key like every
         other endpoint but /healthz (Prometheus sends it with `authorization: credentials`)."""
-        return Response(generate_latest(prometheus), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(scraped), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/aliases", dependencies=[Depends(authorise)])
     def aliases() -> dict[str, Any]:

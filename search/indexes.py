@@ -7,6 +7,11 @@ Rules this module keeps:
 - A query never sees a half-built index: an index is built completely in memory, written into a
   fresh directory, and published by atomically replacing a ``CURRENT`` pointer file. Another
   process loading at the same moment reads either the old directory or the new one.
+- Processes share one copy: ``reembed serve --workers N`` runs N processes over one data folder.
+  A build takes a file lock per collection; a process that waits for it first looks whether the
+  index another one just published is already as fresh as it needs, and maps it instead of
+  building the same thing again. Loaded indexes are memory maps of the published files
+  (``reembed.bm25``), so N processes hold one copy in the page cache, not N on the heap.
 - Staleness is detected by a signature (collection name, document count, and the collection's
   write counter that reembed's write path bumps in Redis). Chroma has no change feed; a write
   made behind reembed's back that keeps the count equal is seen on the next rebuild only.
@@ -17,12 +22,13 @@ Layout: ``DATA_DIR/bm25/<collection>/CURRENT`` names ``<collection>/<build-dir>/
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -71,7 +77,11 @@ class IndexManager:
     def ready(self, collection: str) -> Bm25Index:
         """The index for ``collection``, building it now if none exists anywhere (the first time only)."""
         index = self.current(collection)
-        return index if index is not None else self.rebuild(collection)
+        if index is not None:
+            return index
+        with self._build_lock(collection):
+            index = self.current(collection)  # another process may have built it while we waited
+            return index if index is not None else self.rebuild(collection)
 
     def loaded(self) -> dict[str, Bm25Index]:
         with self._lock:
@@ -162,9 +172,12 @@ class IndexManager:
         loading the published files back costs a fraction of the build.
         """
         signature = self.signature(collection)
-        with ProcessPoolExecutor(max_workers=1, mp_context=_SPAWN) as pool:
-            pool.submit(_build_and_publish, self.store.url, str(self.root), collection, signature).result()
-        index = self._load(collection)
+        with self._build_lock(collection):
+            index = self._load(collection)
+            if index is None or index.signature != signature:  # nobody published this one yet
+                with ProcessPoolExecutor(max_workers=1, mp_context=_SPAWN) as pool:
+                    pool.submit(_build_and_publish, self.store.url, str(self.root), collection, signature).result()
+                index = self._load(collection)
         if index is None:
             raise StoreError(f"the BM25 index of {collection!r} built by a child process could not be read back "
                              f"from {self.root / collection}")
@@ -174,6 +187,15 @@ class IndexManager:
         return index
 
     # -- disk ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _build_lock(self, collection: str) -> Iterator[None]:
+        """One build of ``collection`` at a time across every process sharing ``root``."""
+        base = self.root / collection
+        base.mkdir(parents=True, exist_ok=True)
+        with open(base / ".build-lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            yield
 
     def _publish(self, collection: str, index: Bm25Index) -> None:
         base = self.root / collection

@@ -6,24 +6,34 @@ names: before, during and after a migration, and after a rollback.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from producer import ControlPlane
 from reembed.models import load_model, resolve_model
 from reembed.registry import MigrationState
-from cli.services import ChromaServer, Workers
+from cli.services import ChromaServer, Workers, free_port
 from reembed import readiness
+from reembed.bm25 import Bm25Index
 from reembed.fusion import DEFAULT_FUSION
 from reembed.settings import Settings
+from reembed.store import Store
 from search import Searcher
 from search.api import create_app
-from tests.conftest import M2V_MPNET, need
+from search.indexes import IndexManager
+from tests.conftest import M2V_MINILM, M2V_MPNET, need
 from tests.integration.conftest import scifact_subset
 
 pytestmark = pytest.mark.integration
@@ -237,3 +247,64 @@ def test_a_search_process_not_ready_answers_from_the_collection_it_holds(
             assert (served["collection"], served["standing_in_for"]) == (migration.target_collection, None)
             assert fresh.get("/healthz").json()["ready"]["sci"]["live"] is True
     assert readiness.processes(control.redis) == {}  # both withdrew on shutdown
+
+
+def test_serve_with_two_workers_builds_each_index_once_and_counts_every_process(
+        tmp_path: Path, settings: Settings, control: ControlPlane, start_workers: Callable[..., Workers]) -> None:
+    """``reembed serve --workers 2``: two processes on one socket, one BM25 build between them
+    (the other maps what the first published), both ready in Redis, and one scrape of /metrics
+    that counts the queries both answered."""
+    start_workers(1)
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", 200)
+    ingest_run = control.ingest("multi", corpus, str(need(M2V_MINILM)), batch_size=50)
+    assert control.wait(ingest_run.id, timeout=300).state == MigrationState.LIVE
+    live = control.registry.get_alias("multi").live_collection
+    # Two managers of one folder (two processes): the second waits for the first's build and maps it.
+    first, second = (IndexManager(tmp_path / "shared-bm25", Store.from_settings(settings)) for _ in range(2))
+    waited: list[Bm25Index] = []
+    with first._build_lock(live):
+        waiting = threading.Thread(target=lambda: waited.append(second.ready(live)))
+        waiting.start()
+        time.sleep(1)
+        assert waiting.is_alive(), "the second build did not wait for the first"
+        built = first.rebuild(live)
+    waiting.join(timeout=30)
+    assert waited[0].built_at == built.built_at and len(waited[0]) == 200  # mapped, not built again
+    data = tmp_path / "serve-data"  # no index built by anyone yet
+    port = free_port()
+    env = {**os.environ, **settings.to_env(), "REEMBED_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--workers", "2"],
+                                  env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        seen: set[str] = set()
+        deadline = time.monotonic() + 180
+        while len(seen) < 2:  # a new connection each time: the kernel spreads them over the processes
+            assert server.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"processes answering: {seen}\n{log_path.read_text()}"
+            with contextlib.suppress(httpx.TransportError):
+                health = httpx.get(f"{base}/healthz", timeout=5).json()
+                if health.get("ready"):
+                    seen.add(health["process"])
+            time.sleep(0.05)
+        answered = 0
+        for _ in range(40):
+            response = httpx.get(f"{base}/search", params={"alias": "multi", "q": QUERY, "k": 5}, timeout=30)
+            assert response.status_code == 200, response.text
+            assert response.json()["served_by"]["collection"] == live
+            answered += 1
+        scrape = httpx.get(f"{base}/metrics", timeout=10).text
+        counted = sum(float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+                      if line.startswith("reembed_search_queries_total{"))
+        assert counted == answered, scrape  # not one process's share
+        ready = readiness.processes(redis.Redis.from_url(settings.redis_url))
+        assert len(ready) == 2 and all(live in held for held in ready.values()), ready
+        assert len(list((data / "bm25" / live).glob("build-*"))) == 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    said = log_path.read_text()
+    assert said.count('"bm25 index built"') == 1, said  # the second process mapped the first one's
+    assert not list(data.glob("serve-metrics-*")), "the counters' folder is removed on shutdown"

@@ -14,6 +14,7 @@ from reembed.bm25 import Bm25Index, IndexSignature
 from reembed.filter_index import FilterIndex
 from reembed.filters import MAX_DEPTH, FilterError, parse_filter, parse_json_filter
 from reembed.metrics import ndcg_at_k, read_qrels, read_queries
+from reembed.text_column import TextColumn
 from tests.conftest import SCIFACT, need
 
 IDS = "abcdeg"
@@ -25,7 +26,7 @@ METAS: list[dict[str, Any]] = [{"n": 1, "s": "x", "b": True}, {"n": 1.0, "s": "X
 def matching(where: Any = None, where_document: Any = None) -> str:
     flt = parse_filter(where, where_document)
     assert flt is not None
-    mask = FilterIndex(DOCS, METAS).mask(flt)
+    mask = FilterIndex(TextColumn.of(DOCS), METAS).mask(flt)
     return "".join(doc_id for doc_id, ok in zip(IDS, mask, strict=True) if ok)
 
 
@@ -155,3 +156,20 @@ def test_scifact_bm25_quality_is_unchanged_by_a_filter_that_passes_everything() 
     assert len(plain) == 300
     assert float(np.mean(plain)) == pytest.approx(0.6863, abs=5e-4)
     assert float(np.mean(filtered)) == float(np.mean(plain))
+
+
+def test_a_saved_index_is_mapped_and_filters_and_answers_as_the_one_it_was_built_from(tmp_path: Any) -> None:
+    """What every process of ``serve --workers N`` does: map the files one process published."""
+    built = Bm25Index.build(IndexSignature("t", len(DOCS), 0), list(IDS), list(DOCS), list(METAS))
+    built.save(tmp_path / "idx")
+    loaded = Bm25Index.load(tmp_path / "idx")
+    assert not isinstance(loaded.documents.blob, bytes), "a loaded index maps its documents, it does not read them"
+    for where, where_document in [({"n": 1}, None), (None, {"$contains": "ell"}), ({"s": {"$in": ["x", "y"]}},
+                                  {"$not_contains": "ĞĞ"}), (None, {"$contains": "world cells"})]:
+        flt = parse_filter(where, where_document)
+        assert flt is not None
+        assert loaded.allowed(flt).tolist() == built.allowed(flt).tolist() == \
+            FilterIndex(TextColumn.of(DOCS), METAS).mask(flt).tolist()
+    assert [loaded.document(i) for i in IDS] == [(d, m) for d, m in zip(DOCS, METAS, strict=True)]
+    assert loaded.document("zz") is None
+    assert [h.id for h in loaded.query("hello cell", 6)] == [h.id for h in built.query("hello cell", 6)]
