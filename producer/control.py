@@ -203,7 +203,8 @@ class ControlPlane:
         return {**out, **self.migration_status(record)}
 
     def migration_status(self, record: MigrationRecord) -> dict[str, Any]:
-        return migration_status(self.redis, record, lambda: self.registry.get_migration(record.id))
+        return migration_status(self.redis, record, lambda: self.registry.get_migration(record.id),
+                                lambda: self.registry.get_spend(record.id))
 
     def wait(self, migration_id: str, timeout: float | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None,

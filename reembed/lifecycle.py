@@ -24,7 +24,7 @@ import redis
 import structlog
 
 from reembed import readiness
-from reembed.errors import CollectionNotFoundError, MigrationStateError
+from reembed.errors import CollectionNotFoundError, MigrationStateError, ReembedError
 from reembed.messages import BatchMessage, Outbox
 from reembed.progress import ALIAS_LOCK_TTL_S, Progress, alias_lock
 from reembed.registry import (
@@ -33,6 +33,7 @@ from reembed.registry import (
     MigrationRecord,
     MigrationState,
     Registry,
+    SpendRecord,
 )
 from reembed.store import Store
 
@@ -45,6 +46,8 @@ CACHED_STATES = frozenset({S.RUNNING, S.PAUSED, S.VERIFYING})
 WRITE_THROUGH = frozenset({S.RUNNING, S.PAUSED, S.VERIFYING, S.COMPLETE})
 #: States a migration ends in (until a cutover, a rollback or a resume moves it on).
 FINAL_STATES = frozenset({S.COMPLETE, S.LIVE, S.CANCELLED, S.FAILED, S.ROLLED_BACK})
+#: Seconds between durable copies of a running migration's spend (one small Chroma write).
+SPEND_CHECKPOINT_S = 10.0
 
 
 class Migration:
@@ -81,7 +84,25 @@ class Migration:
         self.record = self.registry.transition(self.record, new, **changes)
         if self.progress.exists() or new in CACHED_STATES:
             self.progress.set(state=new.value)
+            self.checkpoint_spend(force=True)
         return self.record
+
+    # -- spend (a model behind an API) ---------------------------------------------------------
+
+    def checkpoint_spend(self, force: bool = False) -> None:
+        """Copy the spend from Redis to Chroma: at every state change (``force``), and after a
+        batch at most every ``SPEND_CHECKPOINT_S`` across all workers. A Redis that restarts
+        empty then loses at most that long of spend, never the budget already used."""
+        if not self.record.price_per_million_tokens or not self.progress.exists():
+            return
+        if force or self.progress.checkpoint_due(SPEND_CHECKPOINT_S):
+            tokens, cost = self.progress.spend()
+            self.registry.put_spend(SpendRecord(migration_id=self.id, tokens=tokens, cost=cost))
+
+    def recorded_spend(self) -> tuple[int, float]:
+        """The spend last copied to Chroma: where a rebuilt progress starts counting from."""
+        spend = self.registry.get_spend(self.id) if self.record.price_per_million_tokens else None
+        return (spend.tokens, spend.cost) if spend else (0, 0.0)
 
     def begin(self, skipped: dict[str, str], phase: str = "scan") -> MigrationRecord:
         """A new migration (or ingest) whose target exists: record it running, progress from zero."""
@@ -98,7 +119,7 @@ class Migration:
         """Redis lost this migration's progress (restarted empty): start it again from zero.
         Batch ids are stable, so what was already written is counted once more, never twice."""
         log.warning("progress lost, rebuilding", migration_id=self.id, alias=self.record.alias)
-        self.progress.init(self.record.total, self.state().value, skipped)
+        self.progress.init(self.record.total, self.state().value, skipped, self.recorded_spend())
 
     def pause(self, reason: str | None = None) -> MigrationRecord:
         """Stop feeding and embedding until resumed; ``reason`` shows in status (a budget reached)."""
@@ -138,7 +159,7 @@ class Migration:
         was = self.registry.get_migration(self.id).state
         self._become(S.RUNNING, error=None, **changes)  # refused (and nothing written) from a final state
         if not had_progress:
-            self.progress.init(self.record.total, S.RUNNING.value)
+            self.progress.init(self.record.total, S.RUNNING.value, spent=self.recorded_spend())
         self.progress.set_budget(self.record.max_cost)  # a resume may have raised it
         if had_progress and was == S.FAILED:  # its workers dropped what they held: send it again now
             self.progress.expire_in_flight()
@@ -233,7 +254,12 @@ class Migration:
 
     def record_batch(self, batch_id: str, written: int, truncated: int = 0) -> None:
         """Count a finished batch once; the call that finishes the last one asks for verification."""
-        if self.progress.record_batch(batch_id, written, truncated):
+        last = self.progress.record_batch(batch_id, written, truncated)
+        try:
+            self.checkpoint_spend()
+        except ReembedError as exc:  # the batch is written and counted; the next one copies the spend
+            log.warning("spend not copied to Chroma", migration_id=self.id, error=str(exc))
+        if last:
             self.outbox.finalize(self.id)
 
     def end_of_input(self, total_batches: int) -> None:

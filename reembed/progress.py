@@ -67,6 +67,11 @@ def todo_key(migration_id: str) -> str:
     return f"{PREFIX}:migration:{migration_id}:todo"
 
 
+def spend_checkpoint_key(migration_id: str) -> str:
+    """Present (with a TTL) while the last durable copy of the spend is recent enough."""
+    return f"{PREFIX}:migration:{migration_id}:spend-checkpoint"
+
+
 def pump_lock_key(migration_id: str) -> str:
     return f"{PREFIX}:lock:pump:{migration_id}"
 
@@ -157,13 +162,15 @@ class Progress:
         with redis_errors("reading progress"):
             return bool(self.r.hexists(self.key, "started_at"))
 
-    def init(self, total: int, state: str, skipped: dict[str, str] | None = None) -> None:
-        """Start from zero (or rebuild after a Redis loss)."""
+    def init(self, total: int, state: str, skipped: dict[str, str] | None = None,
+             spent: tuple[int, float] = (0, 0.0)) -> None:
+        """Start from zero (or rebuild after a Redis loss, with what was ``spent`` as recorded)."""
         with redis_errors("initialising progress"):
             pipe = self.r.pipeline()
             pipe.delete(self.key, done_batches_key(self.id), deliveries_key(self.id), inflight_key(self.id))
             pipe.hset(self.key, mapping=_fields({"total": total, "done": 0, "enqueued_batches": 0, "cursor": 0,
-                                         "state": state, "started_at": time.time(), "round": 0}))
+                                         "state": state, "started_at": time.time(), "round": 0,
+                                         "tokens": spent[0], "cost": spent[1]}))
             if skipped:
                 pipe.hset(skipped_docs_key(self.id), mapping=_fields(skipped))
             pipe.execute()
@@ -306,6 +313,11 @@ class Progress:
             pipe.hincrby(self.key, "tokens", tokens)
             pipe.hincrbyfloat(self.key, "cost", cost)
             pipe.execute()
+
+    def checkpoint_due(self, every_s: float) -> bool:
+        """True for one caller per ``every_s`` seconds, whichever process asks (a Redis key with a TTL)."""
+        with redis_errors("timing the spend checkpoint"):
+            return bool(self.r.set(spend_checkpoint_key(self.id), 1, nx=True, ex=max(1, int(every_s))))
 
     def spend(self) -> tuple[int, float]:
         """Tokens sent to an API model so far, and their cost."""

@@ -101,6 +101,18 @@ class PlanRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
 
+class SpendRecord(BaseModel):
+    """What a migration to a model behind an API has spent, kept in Chroma as well as in Redis:
+    a Redis that lost the progress (restarted empty) must not give the budget back. Written by
+    the migration's owner at each state change and, while it runs, every ``SPEND_CHECKPOINT_S``;
+    its own record, so that a checkpoint never rewrites (and so never races) the migration's."""
+
+    migration_id: str
+    tokens: int = 0
+    cost: float = 0.0
+    at: float = Field(default_factory=time.time)
+
+
 class CollectionRecord(BaseModel):
     """Which model made the vectors of a physical collection."""
 
@@ -304,6 +316,13 @@ class Registry:
 
     def put_plan(self, plan: PlanRecord) -> None:
         self._put("plan", f"{plan.alias}/{plan.to_model}", plan, {"alias": plan.alias})
+
+    def put_spend(self, spend: SpendRecord) -> None:
+        self._put("spend", spend.migration_id, spend)
+
+    def get_spend(self, migration_id: str) -> SpendRecord | None:
+        raw = self._get("spend", migration_id)
+        return SpendRecord.model_validate_json(raw) if raw else None
 
     def get_plan(self, alias: str, to_model: str) -> PlanRecord | None:
         raw = self._get("plan", f"{alias}/{to_model}")

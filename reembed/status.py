@@ -13,19 +13,21 @@ import redis
 
 from reembed.lifecycle import current_state
 from reembed.progress import Progress
-from reembed.registry import AliasRecord, MigrationRecord, MigrationState, Registry
+from reembed.registry import AliasRecord, MigrationRecord, MigrationState, Registry, SpendRecord
 
 #: States whose progress must be in Redis; a record in one of them without it means Redis lost it.
 LOST_IF_NOT_IN_REDIS = frozenset({MigrationState.RUNNING, MigrationState.VERIFYING, MigrationState.PAUSED})
 
 
 def migration_status(client: redis.Redis, record: MigrationRecord,
-                     reread: Callable[[], MigrationRecord] | None = None) -> dict[str, Any]:
+                     reread: Callable[[], MigrationRecord] | None = None,
+                     recorded_spend: Callable[[], SpendRecord | None] | None = None) -> dict[str, Any]:
     """Counts, rate and ETA of one migration.
 
     ``reread`` reads the record again when Redis already caches a newer state than ``record``:
     the owner writes Chroma first and Redis second, so a record read before the cache may miss
-    what the cache's state came with (a pause's reason).
+    what the cache's state came with (a pause's reason). ``recorded_spend`` reads the durable
+    copy of the spend, shown once Redis no longer holds the progress.
 
     Raises:
         QueueUnavailableError: Redis is unreachable.
@@ -50,7 +52,7 @@ def migration_status(client: redis.Redis, record: MigrationRecord,
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
         "verified": record.verified, "cutover": record.cutover, "error": record.error,
         "failures": progress.failures(10) if live else {}, "progress_in_redis": live,
-        **_truncation(progress, live), **_spend(progress, live, record),
+        **_truncation(progress, live), **_spend(progress, live, record, recorded_spend),
         "hint": (f"Redis holds no progress for this {record.state.value} migration (it lost its data?): "
                  f"run `reembed resume {record.id}` to finish it by diffing source and target")
         if not live and record.state in LOST_IF_NOT_IN_REDIS else None,
@@ -73,7 +75,11 @@ def _truncation(progress: Progress, live: bool) -> dict[str, Any]:
     return {"truncated": count, "truncated_tokens": sample}
 
 
-def _spend(progress: Progress, live: bool, record: MigrationRecord) -> dict[str, Any]:
+def _spend(progress: Progress, live: bool, record: MigrationRecord,
+           recorded: Callable[[], SpendRecord | None] | None) -> dict[str, Any]:
     """Tokens sent to a model behind an API and what they cost, against the migration's budget."""
     tokens, cost = progress.spend() if live else (0, 0.0)
+    if not live and recorded is not None and record.price_per_million_tokens:
+        spend = recorded()
+        tokens, cost = (spend.tokens, spend.cost) if spend else (0, 0.0)
     return {"tokens": tokens, "cost": round(cost, 6), "max_cost": record.max_cost}

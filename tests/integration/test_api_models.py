@@ -19,6 +19,7 @@ from typing import Any
 import chromadb
 import numpy as np
 import pytest
+import redis
 
 from cli.services import ChromaServer, Workers
 from producer import ControlPlane
@@ -210,6 +211,19 @@ def test_the_budget_pauses_within_one_request_and_resume_raises_it(
     status = control.status(record.id)
     assert limit - one_request < status["cost"] <= limit + one_request and status["tokens"] > 0
     assert status["max_cost"] == limit
+
+    # Redis restarts empty while it is paused: the spend is kept in Chroma, and a resume with the
+    # same budget sends nothing (it would otherwise spend the whole budget a second time).
+    redis.Redis.from_url(api_settings.redis_url).flushdb()
+    lost = control.status(record.id)
+    assert not lost["progress_in_redis"] and abs(lost["cost"] - status["cost"]) <= one_request, lost
+    sent = proxy.requests
+    control.resume(record.id, max_cost=limit)
+    deadline = time.monotonic() + 60
+    while (again := control.status(record.id))["state"] != "paused" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert again["state"] == "paused" and "reached its budget" in again["error"], again
+    assert proxy.requests == sent and again["cost"] >= lost["cost"]
 
     control.resume(record.id, max_cost=1.0)
     wait_for(control, record.id, MigrationState.LIVE)
