@@ -345,10 +345,11 @@ def retire(settings: Settings, alias: str, yes: bool, also_previous: str | None,
 
 def _register() -> None:
     """The commands that live in their own modules (the write path, search, serving, assessment)."""
-    from cli import assess, folder, serving
+    from cli import assess, exporter, folder, serving
 
     for command in (assess.plan, assess.evaluate, assess.fusion, serving.add, serving.upsert, serving.delete,
-                    serving.search, serving.serve, serving.worker, serving.demo, folder.up, folder.down):
+                    serving.search, serving.serve, serving.worker, serving.demo, folder.up, folder.down,
+                    exporter.exporter):
         main.add_command(command)
 
 

@@ -121,7 +121,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     def run() -> None:
         import uvicorn
 
-        from search.api import create_app
+        from cli.service import create_service
 
         with stack(settings, 0) as local:
             if not settings.chroma_url:
@@ -131,13 +131,13 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
             if workers == 1:
                 # uvicorn shuts down gracefully on SIGINT and SIGTERM only: a hang-up becomes a SIGTERM.
                 signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-                uvicorn.run(create_app(local.settings), **options)
+                uvicorn.run(create_service(local.settings), **options)
                 return
             with _metrics_folder(local.settings.data_dir) as folder:
                 # Each process uvicorn spawns imports the app by name and reads its settings (the
                 # services this command started or found included) from the environment.
                 os.environ.update({**local.settings.to_env(), "PROMETHEUS_MULTIPROC_DIR": str(folder)})
-                uvicorn.run("search.api:app_from_environment", factory=True, workers=workers, **options)
+                uvicorn.run("cli.service:service_from_environment", factory=True, workers=workers, **options)
     run_guarded(run)
 
 

@@ -85,11 +85,17 @@ class ControlPlane:
                max_cost: float | None = None) -> MigrationRecord:
         """Create ALIAS from a corpus file: validate it whole, then feed its batches to the workers
         (``stalled``: see :meth:`wait`; ``max_cost``: see :meth:`migrate`)."""
-        record = start_ingest(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
-                              file=file, model=model, batch_size=batch_size, skip_missing_text=skip_missing_text,
-                              max_cost=max_cost)
+        record = self.begin_ingest(alias, file, model, batch_size, skip_missing_text, max_cost)
         self.feed_file(record, file, stalled)
         return record
+
+    def begin_ingest(self, alias: str, file: Path, model: str, batch_size: int | None = None,
+                     skip_missing_text: bool = False, max_cost: float | None = None) -> MigrationRecord:
+        """The first half of :meth:`ingest`: validate the file and record the ingest (its target
+        created); :meth:`feed_file` is the second (the HTTP API runs it as a job)."""
+        return start_ingest(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
+                            file=file, model=model, batch_size=batch_size, skip_missing_text=skip_missing_text,
+                            max_cost=max_cost)
 
     def feed_file(self, record: MigrationRecord, file: Path, stalled: Callable[[], str | None] | None = None) -> None:
         """Send the file's batches under backpressure; safe to call again after a crash (resumes)."""

@@ -147,3 +147,7 @@ class WaitTimeoutError(ReembedError):
     """A caller waited for a migration longer than it allowed; the migration itself goes on."""
 
     exit_code = 4
+
+
+class JobNotFoundError(ReembedError):
+    """No control-API job with that id (or it expired)."""

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 import structlog
 
-from reembed import readiness
+from reembed import events, readiness
 from reembed.errors import CollectionNotFoundError, MigrationStateError, ReembedError
 from reembed.messages import BatchMessage, Outbox
 from reembed.progress import ALIAS_LOCK_TTL_S, Progress, alias_lock
@@ -79,12 +79,15 @@ class Migration:
 
     # -- writing the state: the one place ----------------------------------------------------
 
-    def _become(self, new: MigrationState, **changes: Any) -> MigrationRecord:
-        """Persist ``new`` in Chroma (the state machine decides if it may follow), then the cache."""
-        self.record = self.registry.transition(self.record, new, **changes)
+    def _become(self, new: MigrationState, budget: bool = False, **changes: Any) -> MigrationRecord:
+        """Persist ``new`` in Chroma (the state machine decides if it may follow), then the cache,
+        then tell other services (``reembed.events``) when the state changed."""
+        self.record, before = self.registry.transition(self.record, new, **changes)
         if self.progress.exists() or new in CACHED_STATES:
             self.progress.set(state=new.value)
             self.checkpoint_spend(force=True)
+        if new != before:
+            events.publish(self.progress.r, self.record, before, budget)
         return self.record
 
     # -- spend (a model behind an API) ---------------------------------------------------------
@@ -111,6 +114,7 @@ class Migration:
         self.progress.init(self.record.total, S.RUNNING.value, skipped)
         self.progress.set(phase=phase)
         self.progress.set_budget(self.record.max_cost)
+        events.publish(self.progress.r, self.record, None)
         if self.record.kind == "migrate":
             self.outbox.pump(self.id)
         return self.record
@@ -121,9 +125,10 @@ class Migration:
         log.warning("progress lost, rebuilding", migration_id=self.id, alias=self.record.alias)
         self.progress.init(self.record.total, self.state().value, skipped, self.recorded_spend())
 
-    def pause(self, reason: str | None = None) -> MigrationRecord:
-        """Stop feeding and embedding until resumed; ``reason`` shows in status (a budget reached)."""
-        return self._become(S.PAUSED, error=reason) if reason else self._become(S.PAUSED)
+    def pause(self, reason: str | None = None, budget: bool = False) -> MigrationRecord:
+        """Stop feeding and embedding until resumed; ``reason`` shows in status; ``budget``: the
+        next request would have passed ``--max-cost``."""
+        return self._become(S.PAUSED, budget, error=reason) if reason else self._become(S.PAUSED)
 
     def cancel(self, store: Store) -> MigrationRecord:
         """Stop, and delete the partial target (never the source, never a live collection)."""

@@ -22,6 +22,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from reembed.errors import QueueUnavailableError
+from reembed.queue_depth import SENT_AT_HEADER
 from reembed.queue import (
     TASK_BATCH,
     TASK_CHECK_VECTORS,
@@ -155,7 +156,8 @@ class Outbox:
 
     def _send(self, task: str, message: Message, countdown: float | None = None) -> AsyncResult:
         try:
-            return self.app.send_task(task, kwargs=message.model_dump(), countdown=countdown)
+            return self.app.send_task(task, kwargs=message.model_dump(), countdown=countdown,
+                                      headers={SENT_AT_HEADER: time.time()})  # the scale signal's wait
         except (OperationalError, redis.RedisError, OSError) as exc:
             raise QueueUnavailableError(f"Redis is unreachable while sending {task}: {exc}; is it running?") from exc
 

@@ -332,9 +332,11 @@ class Registry:
         found = self.migrations(alias)
         return found[0] if found else None
 
-    def transition(self, record: MigrationRecord, new: MigrationState, **changes: Any) -> MigrationRecord:
+    def transition(self, record: MigrationRecord, new: MigrationState,
+                   **changes: Any) -> tuple[MigrationRecord, MigrationState]:
         """Move a migration to ``new`` if the state machine allows it from its *stored* state, and
-        persist it. Only ``reembed.lifecycle.Migration`` calls this.
+        persist it; returns the record and the state it was in. Only
+        ``reembed.lifecycle.Migration`` calls this.
 
         Raises:
             MigrationStateError: the move is not allowed from the current state.
@@ -346,4 +348,4 @@ class Registry:
             )
         updated = record.model_copy(update={"state": new, **changes})
         self.put_migration(updated)
-        return updated
+        return updated, record.state

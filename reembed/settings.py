@@ -84,7 +84,11 @@ FIELDS: tuple[Field, ...] = (
           "running search process (`reembed serve`) to prepare the collection they switch to (index built, model "
           "warmed); 0 switches at once. A process not ready by then answers from the collection it holds."),
     Field("INDEX_REFRESH_S", "1", "Seconds between checks that a BM25 index still matches its collection."),
-    Field("API_KEY", "", "When set, the HTTP search requires `Authorization: Bearer <key>`. Never logged."),
+    Field("API_KEY", "", "When set, the HTTP search requires `Authorization: Bearer <key>`: the read key "
+          "(search, aliases, status, history, events, metrics). Never logged."),
+    Field("ADMIN_KEY", "", "When set, `reembed serve` also serves the control API (start, pause, resume, cancel, "
+          "cut over, roll back, canary, retire; plan and evaluate as jobs), which requires this key; it reads too. "
+          "Unset: the control API answers 403. Never logged."),
     Field("LOG_FORMAT", "auto", "auto (console on a terminal, JSON lines otherwise), console or json."),
     Field("LOG_LEVEL", "INFO", "Log level of every process; a `reembed` command logs only warnings unless "
           "this is set."),
@@ -121,6 +125,7 @@ class Settings:
     cutover_wait_s: float
     index_refresh_s: float
     api_key: str = field(repr=False)
+    admin_key: str = field(repr=False)
     log_format: str
     log_level: str
     #: Header name -> value; values are secrets (tokens): never in a repr or a log line.
@@ -153,7 +158,8 @@ class Settings:
         except ConfigError:
             declared = []  # reported where the models are used; the redactor must still start
         keys = [os.environ.get(d.api_key_env, "") for d in declared if d.api_key_env]
-        return tuple(v for v in (self.api_key, *(value for _, value in self.chroma_headers), *keys) if v)
+        return tuple(v for v in (self.api_key, self.admin_key, *(value for _, value in self.chroma_headers), *keys)
+                     if v)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -191,6 +197,7 @@ class Settings:
             cutover_wait_s=_float(raw, "CUTOVER_WAIT_S", 0, 3600),
             index_refresh_s=_float(raw, "INDEX_REFRESH_S", 0.1, 3600),
             api_key=raw["API_KEY"].strip(),
+            admin_key=_admin_key(raw["ADMIN_KEY"].strip(), raw["API_KEY"].strip()),
             log_format=log_format,
             log_level=raw["LOG_LEVEL"].strip().upper() or "INFO",
             chroma_headers=_headers(raw["CHROMA_HEADERS"]),
@@ -259,6 +266,13 @@ def _headers(raw: str) -> tuple[tuple[str, str], ...]:
                                                for k, v in parsed.items()):
         raise ConfigError(hint)
     return tuple((k.strip(), v) for k, v in parsed.items())
+
+
+def _admin_key(admin: str, read: str) -> str:
+    if admin and admin == read:
+        raise ConfigError("REEMBED_ADMIN_KEY equals REEMBED_API_KEY: give the control API a key of its own, "
+                          "or whoever may search could also cut over, roll back and cancel")
+    return admin
 
 
 def _ssl_verify(raw: str) -> str:

@@ -11,7 +11,7 @@ first request is accepted; a background thread then keeps indexes fresh and prep
 of a migration about to be cut over.
 
 Several processes (``reembed serve --workers N``, uvicorn's own supervisor and shared socket):
-each runs ``app_from_environment``, maps the BM25 indexes one of them published (one copy in the
+each runs ``cli.service.service_from_environment``, maps the BM25 indexes one of them published (one copy in the
 page cache), publishes its own readiness, and counts in Prometheus's multiprocess files so that
 any process's ``/metrics`` sums the counters of all of them.
 """
@@ -19,38 +19,31 @@ any process's ``/metrics`` sums the counters of all of them.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import redis
 import structlog
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reembed import readiness
-from reembed.errors import (
-    AliasNotFoundError,
-    InputError,
-    ModelMismatchError,
-    QueueUnavailableError,
-    ReembedError,
-    RetryableError,
-)
+from reembed.errors import QueueUnavailableError, ReembedError
 from reembed.filters import parse_json_filter
 from reembed.settings import Settings
 from reembed.status import alias_summary, migration_status
 from search.admission import Admission
+from reembed.access import Forbidden, Keys, Unauthorised
+from reembed.http_errors import error_body, status_for
 from search.prometheus import SearchMetrics, StateCollector
 from search.results import Mode, SearchResponse
 from search.searcher import MAX_K, MAX_QUERY_CHARS, Searcher
@@ -59,9 +52,6 @@ log = structlog.get_logger(__name__)
 
 #: Queries in one POST /search: bounds the work one request can ask for.
 MAX_BATCH_QUERIES = 100
-#: Module level: FastAPI resolves the (postponed) annotations of endpoints in this module's globals.
-_bearer = HTTPBearer(auto_error=False)
-
 
 #: The largest request body accepted: a full batch of the longest queries, UTF-8, with room for JSON.
 MAX_BODY_BYTES = MAX_BATCH_QUERIES * MAX_QUERY_CHARS * 4 + 64 * 1024
@@ -96,18 +86,6 @@ class BatchSearchResponse(BaseModel):
     responses: list[SearchResponse]
 
 
-def _status_for(exc: ReembedError) -> int:
-    if isinstance(exc, AliasNotFoundError):
-        return 404
-    if isinstance(exc, ModelMismatchError):
-        return 409
-    if isinstance(exc, RetryableError):
-        return 503
-    if isinstance(exc, InputError):
-        return 422
-    return 500
-
-
 #: The query parameters GET /search knows; any other is a 422 (see ``SearchRequest``).
 GET_SEARCH_PARAMS = frozenset({"alias", "q", "k", "mode", "key", "where", "where_document", "fusion"})
 
@@ -126,17 +104,17 @@ def known_params(request: Request) -> None:
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def app_from_environment() -> FastAPI:
-    """The app of one process of ``reembed serve --workers N``: uvicorn imports it by name in each
-    process it starts, so settings travel as the ``REEMBED_*`` environment (``Settings.to_env``)."""
-    from reembed.logs import configure_logging
+class Extension(Protocol):
+    """Routes served beside search, behind the same keys, closed when the server stops (the
+    control API, ``producer.control_http``: search itself never imports the control plane)."""
 
-    settings = Settings.from_env()
-    configure_logging(settings)
-    return create_app(settings)
+    def router(self, keys: Keys) -> APIRouter: ...
+
+    def close(self) -> None: ...
 
 
-def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
+def create_app(settings: Settings, searcher: Searcher | None = None,
+               extensions: Sequence[Extension] = ()) -> FastAPI:
     """The app. Pass a ``searcher`` to share one (tests); otherwise one is made at start-up."""
     state: dict[str, Any] = {"searcher": searcher, "warm_errors": {}}
     stop = threading.Event()
@@ -183,6 +161,8 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
                     readiness.withdraw(state["searcher"].redis, process)
             if searcher is None:
                 state["searcher"].close()
+            for extension in extensions:
+                extension.close()
 
     app = FastAPI(title="reembed search", version="1", lifespan=lifespan,
                   description="Hybrid BM25 + semantic search by alias, always served by the alias's live "
@@ -190,24 +170,26 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(Admission, limit=settings.search_max_in_flight, on_refused=metrics.refused.inc)
 
-    def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if not settings.api_key:
-            return
-        given = credentials.credentials if credentials else ""
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise _Unauthorised()
+    keys = Keys(settings)
+    authorise = keys.read
+    for extension in extensions:
+        app.include_router(extension.router(keys))
 
     @app.exception_handler(ReembedError)
     async def reembed_error(request: Request, exc: ReembedError) -> JSONResponse:
-        code = _status_for(exc)
+        code = status_for(exc)
         if code == 500:
             log.error("search failed", error=str(exc), path=request.url.path)
-        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code)
+        return JSONResponse(error_body(exc), status_code=code)
 
-    @app.exception_handler(_Unauthorised)
-    async def unauthorised(request: Request, exc: _Unauthorised) -> JSONResponse:
-        return JSONResponse({"detail": "missing or wrong API key: send Authorization: Bearer <REEMBED_API_KEY>"},
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    @app.exception_handler(Unauthorised)
+    async def unauthorised(request: Request, exc: Unauthorised) -> JSONResponse:
+        return JSONResponse({"detail": "missing or wrong API key: send Authorization: Bearer <REEMBED_API_KEY> "
+                             "(or <REEMBED_ADMIN_KEY>)"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=403)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -264,7 +246,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         try:
             response: SearchResponse = answer()
         except ReembedError as exc:
-            metrics.observe(mode, "none", _status_for(exc), time.perf_counter() - started)
+            metrics.observe(mode, "none", status_for(exc), time.perf_counter() - started)
             raise
         metrics.observe(mode, response.mode, 200, time.perf_counter() - started)
         return response
@@ -297,10 +279,6 @@ def create_app(settings: Settings, searcher: Searcher | None = None) -> FastAPI:
         return {"aliases": rows}
 
     return app
-
-
-class _Unauthorised(Exception):
-    """Raised by the API-key check; rendered as 401 without detail about the key."""
 
 
 class _BodyTooLarge(Exception):

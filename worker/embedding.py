@@ -175,7 +175,7 @@ def reembed_batch(
         # The next request could pass --max-cost: nothing more is sent. What this batch wrote is
         # rewritten by id when it runs again after `resume --max-cost`, so nothing counts twice.
         with contextlib.suppress(MigrationStateError):
-            migration.pause(str(exc))
+            migration.pause(str(exc), budget=True)
         raise PausedError(str(exc)) from None
     except ModelError as exc:
         # A model behind an API that changed (its probe moved), answered the wrong dimension or

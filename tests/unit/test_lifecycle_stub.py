@@ -193,7 +193,7 @@ def test_every_transition_is_allowed_or_refused_by_the_table(world: World) -> No
         for new in S:
             world.registry.put_migration(world.record.model_copy(update={"state": old}))
             if new == old or new in TRANSITIONS[old]:
-                assert world.registry.transition(world.record, new).state == new
+                assert world.registry.transition(world.record, new)[0].state == new
             else:
                 with pytest.raises(MigrationStateError, match=f"is {old.value}; it cannot become {new.value}"):
                     world.registry.transition(world.record, new)

@@ -1,0 +1,181 @@
+"""The HTTP control API against the real server (``reembed serve`` on loopback), real Redis,
+Chroma and workers: a migration driven only over HTTP by a client that does not import reembed,
+the two key scopes, ``Idempotency-Key`` under concurrent retries, and the events stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cli.services import Workers, free_port
+from producer import ControlPlane
+from reembed.registry import MigrationState
+from reembed.settings import Settings
+from tests.conftest import M2V_MINILM, M2V_MPNET, need
+from tests.integration.conftest import scifact_subset
+
+pytestmark = pytest.mark.integration
+
+ADMIN, READ = "admin-key-for-tests-0b9d", "read-key-for-tests-77c1"
+
+
+@pytest.fixture
+def server(settings: Settings, tmp_path: Path) -> Iterator[str]:
+    """``reembed serve`` with both keys, as its own process; yields its URL."""
+    port = free_port()
+    env = {**os.environ, **settings.to_env(), "REEMBED_API_KEY": READ, "REEMBED_ADMIN_KEY": ADMIN,
+           "HF_HUB_OFFLINE": "1", "REEMBED_CUTOVER_WAIT_S": "0"}
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the server's lifetime
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port)], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    log.close()
+    said = (tmp_path / "serve.log").read_text()
+    assert ADMIN not in said and READ not in said, "a key was logged"
+
+
+def test_a_migration_driven_only_over_http_by_a_client_that_does_not_import_reembed(
+        server: str, start_workers: Callable[..., Workers], tmp_path: Path) -> None:
+    start_workers(2)
+    corpus = scifact_subset(tmp_path / "corpus.jsonl", 120)
+    walk = Path(__file__).with_name("control_walkthrough.py")
+    done = subprocess.run([sys.executable, "-I", str(walk), server, ADMIN, READ, str(corpus),
+                           str(need(M2V_MINILM)), str(need(M2V_MPNET))], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["imported_reembed"] == []
+    assert seen["ingest"]["state"] == "live" and seen["ingest"]["done"] == 120
+    assert seen["complete"]["state"] == "complete" and seen["complete"]["done"] == 120
+    assert seen["refused_cutover"][0] == 403  # the read key may not switch an alias
+    assert seen["cutover"]["live_collection"] == seen["complete"]["target_collection"]
+    assert seen["search"]["served_by"]["collection"] == seen["complete"]["target_collection"]
+    assert seen["rollback"]["live_collection"] == seen["ingest"]["target_collection"]
+    assert [row["migration_id"] for row in seen["history"]["migrations"]][:2] == \
+        [seen["migration_id"], seen["ingest"]["migration_id"]]
+    # Every state change of the migration, once each, in order.
+    mine = [e["event"] for e in seen["events"]["events"] if e["migration_id"] == seen["migration_id"]]
+    assert mine == ["started", "verifying", "complete", "live", "rolled_back"], mine
+    ingest = [e["event"] for e in seen["events"]["events"] if e["migration_id"] == seen["ingest"]["migration_id"]]
+    assert ingest[0] == "started" and ingest[-1] == "live" and len(ingest) == len(set(ingest)), ingest
+
+
+def test_scopes_and_ten_identical_concurrent_posts_start_one_migration(
+        server: str, settings: Settings, start_workers: Callable[..., Workers], tmp_path: Path) -> None:
+    start_workers(1)
+    control = ControlPlane(settings)
+    record = control.ingest("same", scifact_subset(tmp_path / "corpus.jsonl", 40), str(need(M2V_MINILM)))
+    assert control.wait(record.id, timeout=300).state == MigrationState.LIVE
+    body = {"to_model": str(need(M2V_MPNET)), "cutover": "manual"}
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    # Scopes: no key 401, an unknown key 401, the read key 403 on a change, 200 on a read.
+    assert httpx.post(f"{server}/aliases/same/migrations", json=body).status_code == 401
+    assert httpx.post(f"{server}/aliases/same/migrations", json=body,
+                      headers={"Authorization": "Bearer nope"}).status_code == 401
+    refused = httpx.post(f"{server}/aliases/same/migrations", json=body, headers={"Authorization": f"Bearer {READ}"})
+    assert refused.status_code == 403 and "REEMBED_ADMIN_KEY" in refused.json()["detail"]
+    assert httpx.get(f"{server}/migrations/{record.id}", headers={"Authorization": f"Bearer {READ}"}).status_code == 200
+    assert len(control.registry.migrations("same")) == 1, "a refused request changed nothing"
+    # Bad input and unknown things: 422 and 404, named.
+    bad = httpx.post(f"{server}/aliases/same/migrations", json={**body, "batch_size": 0}, headers=admin)
+    assert bad.status_code == 422
+    missing = httpx.post(f"{server}/aliases/nosuch/migrations", json=body, headers=admin)
+    assert missing.status_code == 404 and "nosuch" in missing.json()["detail"]
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(f"{server}/aliases/same/migrations", json=body, timeout=120,
+                          headers={**admin, "Idempotency-Key": "retry-0001"})
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(post, range(10)))
+    assert {a.status_code for a in answers} == {202}, [a.text for a in answers]
+    assert len({a.json()["migration_id"] for a in answers}) == 1
+    assert [m.kind for m in control.registry.migrations("same")] == ["migrate", "ingest"]
+    # The same key for another request is refused; a new key starts what it asks (here: a 409,
+    # one migration of an alias at a time) and that answer too is kept.
+    reused = httpx.post(f"{server}/aliases/same/migrations", json={**body, "cutover": "auto"},
+                        headers={**admin, "Idempotency-Key": "retry-0001"})
+    assert reused.status_code == 422 and "another request" in reused.json()["detail"]
+    second = [httpx.post(f"{server}/aliases/same/migrations", json=body,
+                         headers={**admin, "Idempotency-Key": "retry-0002"}) for _ in range(2)]
+    assert [s.status_code for s in second] == [409, 409] and second[0].json() == second[1].json()
+    assert len(control.registry.migrations("same")) == 2
+
+
+def test_the_control_api_is_off_without_an_admin_key(settings: Settings) -> None:
+    from fastapi.testclient import TestClient
+
+    from cli.service import create_service
+
+    with TestClient(create_service(settings.with_(api_key="", admin_key=""))) as client:
+        off = client.post("/aliases/any/migrations", json={"to_model": "x"})
+        assert off.status_code == 403 and "REEMBED_ADMIN_KEY" in off.json()["detail"]
+        assert client.get("/migrations/none").status_code == 404  # reads are open without a read key
+
+
+def test_the_queue_depth_metric_follows_a_migration_on_a_real_scrape(
+        settings: Settings, start_workers: Callable[..., Workers], tmp_path: Path) -> None:
+    """``reembed exporter`` (no search service): batches wait while no worker runs, with their
+    age; once workers run they fall to 0."""
+    port = free_port()
+    env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": "1"}
+    exporter = subprocess.Popen([sys.executable, "-m", "cli.main", "exporter", "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("reembed_")}
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                before = scrape()
+                break
+            except httpx.TransportError:
+                assert exporter.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert before['reembed_queue_waiting_batches{queue="reembed.batches"}'] == 0
+        control = ControlPlane(settings)
+        corpus = scifact_subset(tmp_path / "corpus.jsonl", 400)
+        with ThreadPoolExecutor(1) as pool:  # feeding waits for room while no worker runs
+            feeding = pool.submit(control.ingest, "depth", corpus, str(need(M2V_MINILM)), 50)
+            deadline = time.monotonic() + 60
+            while (seen := scrape())['reembed_queue_waiting_batches{queue="reembed.batches"}'] < 4:
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.2)
+            time.sleep(1.5)
+            seen = scrape()
+            assert seen['reembed_queue_oldest_wait_seconds{queue="reembed.batches"}'] >= 1.0, seen
+            assert seen["reembed_batches_in_flight"] >= 4 and seen["reembed_queue_up"] == 1
+            start_workers(2)
+            record = feeding.result(timeout=300)
+        assert control.wait(record.id, timeout=300).state == MigrationState.LIVE
+        after = scrape()
+        assert after['reembed_queue_waiting_batches{queue="reembed.batches"}'] == 0
+        assert after["reembed_batches_in_flight"] == 0
+        assert 'reembed_queue_oldest_wait_seconds{queue="reembed.batches"}' not in after
+    finally:
+        exporter.send_signal(signal.SIGTERM)
+        exporter.wait(timeout=30)
