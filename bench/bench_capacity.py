@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from bench.common import ROOT, SCIFACT, machine, percentile, write_section  # noqa: E402
+from bench.common import ROOT, SCIFACT, percentile, write_section  # noqa: E402
 from cli.services import free_port  # noqa: E402
 from cli.stack import LocalStack  # noqa: E402
 from producer import ControlPlane  # noqa: E402
@@ -197,7 +197,7 @@ def report(results: dict[int, list[dict[str, Any]]], args: argparse.Namespace) -
                     f"{spread([h.get('rss_mib', 0) for h in held])} | {spread([h.get('pss_mib', 0) for h in held])} |")
     ratios = [two["capacity_qps"] / one["capacity_qps"] for one, two in zip(results[1], results[2], strict=True)
               if one["capacity_qps"]]
-    body = f"""`.venv/bin/python bench/bench_capacity.py` (raw figures: `bench/results/capacity.json`). {machine()}.
+    body = f"""`.venv/bin/python bench/bench_capacity.py` (raw figures: `bench/results/capacity.json`).
 SciFact's 5,183 documents in one collection ({args.model}, embedded stack: `chroma run` and Redis on the same
 cores). Per round and process count, a fresh `reembed serve --workers N`; an open-loop client (asyncio + httpx on the
 same 2 cores, latency from the scheduled send time) sends hybrid queries (the 300 SciFact test queries, k=10):

@@ -140,18 +140,22 @@ def adopt(settings: Settings, alias: str, collection: str, model: str | None, wo
 @click.option("--wait/--no-wait", default=False, help="Show progress until the migration ends.")
 @click.option("--max-cost", type=float, default=None,
               help="A model behind an API: pause before the spend passes this (resume with a higher one).")
+@click.option("--webhook", "webhook_url", metavar="URL", default=None,
+              help="POST this migration's events here (`reembed webhooks` delivers; default: the alias's webhook).")
 @workers_option
 @json_option
 @click.pass_obj
 def migrate(settings: Settings, alias: str, to_model: str, batch_size: int | None, cutover: str,
-            skip_missing_text: bool, wait: bool, max_cost: float | None, workers: int | None, as_json: bool) -> None:
+            skip_missing_text: bool, wait: bool, max_cost: float | None, webhook_url: str | None,
+            workers: int | None, as_json: bool) -> None:
     """Re-embed ALIAS's live collection with another model; prints the migration id."""
     def run() -> None:
         from producer import ControlPlane
 
         with stack(settings, workers, needs_workers=True) as local:
             cp = ControlPlane(local.settings)
-            record = cp.migrate(alias, to_model, batch_size, cutover, skip_missing_text, max_cost=max_cost)
+            record = cp.migrate(alias, to_model, batch_size, cutover, skip_missing_text, max_cost=max_cost,
+                                webhook_url=webhook_url)
             if not as_json:
                 click.echo(record.id)
             if wait or local.ephemeral:
@@ -345,11 +349,11 @@ def retire(settings: Settings, alias: str, yes: bool, also_previous: str | None,
 
 def _register() -> None:
     """The commands that live in their own modules (the write path, search, serving, assessment)."""
-    from cli import assess, exporter, folder, serving
+    from cli import assess, folder, serving, sidecars
 
     for command in (assess.plan, assess.evaluate, assess.fusion, serving.add, serving.upsert, serving.delete,
                     serving.search, serving.serve, serving.worker, serving.demo, folder.up, folder.down,
-                    exporter.exporter):
+                    sidecars.exporter, sidecars.webhooks, sidecars.webhook):
         main.add_command(command)
 
 

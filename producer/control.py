@@ -32,6 +32,7 @@ from reembed.errors import (
     ReembedError,
     WaitTimeoutError,
 )
+from reembed.events import check_webhook_url, safe_url
 from reembed.lifecycle import FINAL_STATES, Migration, unfinished
 from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
 from reembed.migrations import budget_fields, check_alias_name, start_ingest, start_migration
@@ -171,12 +172,27 @@ class ControlPlane:
     # -- migrate -----------------------------------------------------------------------------
 
     def migrate(self, alias: str, to_model: str, batch_size: int | None = None, cutover: str = "auto",
-                skip_missing_text: bool = False, max_cost: float | None = None) -> MigrationRecord:
+                skip_missing_text: bool = False, max_cost: float | None = None,
+                webhook_url: str | None = None) -> MigrationRecord:
         """Start a migration; workers pump and embed it. Returns at once with the record.
-        ``max_cost`` (a model behind an API): pause before the spend passes it."""
+        ``max_cost`` (a model behind an API): pause before the spend passes it. ``webhook_url``:
+        where its events are POSTed (else the alias's webhook, :meth:`set_webhook`)."""
         return start_migration(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
                                to_model=to_model, batch_size=batch_size, cutover=cutover,
-                               skip_missing_text=skip_missing_text, max_cost=max_cost)
+                               skip_missing_text=skip_missing_text, max_cost=max_cost, webhook_url=webhook_url)
+
+    def set_webhook(self, alias: str, url: str | None) -> dict[str, Any]:
+        """Deliver the events of ALIAS's migrations to ``url`` (None: to nobody); returns the
+        alias's webhook as ``webhook`` shows it."""
+        checked = check_webhook_url(url)
+        with alias_lock(self.redis, alias):
+            current = self.registry.get_alias(alias)
+            self.registry.set_webhook(alias, checked, current.generation)
+        return self.webhook(alias)
+
+    def webhook(self, alias: str) -> dict[str, Any]:
+        url = self.registry.get_alias(alias).webhook_url
+        return {"alias": alias, "webhook_url": safe_url(url) if url else None}
 
     # -- status and waiting ------------------------------------------------------------------
 

@@ -37,6 +37,16 @@ _BATCH = Field(None, ge=1, le=2048, description="Documents per batch (default RE
 _MAX_COST = Field(None, ge=0, description="A model behind an API: pause before the spend passes this.")
 
 
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What went wrong, naming the thing and the fix.")
+    error: str = Field(description="The error's class, e.g. MigrationStateError.")
+
+
+ERRORS = {401: "No key, or an unknown one", 403: "A read key on a change, or the control API is off",
+          404: "No such alias, migration or job", 409: "The state does not allow it",
+          422: "Bad input (named)", 503: "Redis or Chroma unreachable, or no worker: retry"}
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +57,11 @@ class MigrateBody(Body):
     cutover: Literal["auto", "manual"] = "auto"
     skip_missing_text: bool = False
     max_cost: float | None = _MAX_COST
+    webhook_url: str | None = Field(None, max_length=2048, description="POST this migration's events here.")
+
+
+class WebhookBody(Body):
+    url: str = Field(min_length=1, max_length=2048, examples=["https://hooks.example.com/reembed"])
 
 
 class IngestBody(Body):
@@ -141,19 +156,19 @@ def control_router(control: Control, keys: Keys) -> APIRouter:
     read = [Depends(keys.read)]
     router = APIRouter(tags=["control"])
 
-    def post(path: str, summary: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        return router.post(path, dependencies=admin, summary=summary,
-                           responses={404: {}, 409: {}, 422: {}, 503: {}})
+    def post(path: str, summary: str, accepted: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return router.post(path, dependencies=admin, summary=summary, status_code=202 if accepted else 200,
+                           responses={code: {"model": ErrorBody, "description": why} for code, why in ERRORS.items()})
 
-    @post("/aliases/{alias}/migrations", "Start a migration of ALIAS to another model (202)")
+    @post("/aliases/{alias}/migrations", "Start a migration of ALIAS to another model (202)", accepted=True)
     def migrate(alias: ALIAS, body: MigrateBody, idempotency_key: IDEMPOTENCY_KEY = None) -> JSONResponse:
         def run() -> Answer:
             record = control.plane.migrate(alias, body.to_model, body.batch_size, body.cutover,
-                                           body.skip_missing_text, body.max_cost)
+                                           body.skip_missing_text, body.max_cost, body.webhook_url)
             return 202, control.plane.migration_status(record)
         return control.answer("POST", f"/aliases/{alias}/migrations", body.model_dump(), idempotency_key, run)
 
-    @post("/aliases/{alias}/ingests", "Create ALIAS from a corpus file the server can read (202; a job feeds it)")
+    @post("/aliases/{alias}/ingests", "Create ALIAS from a corpus file the server can read (202; a job feeds it)", accepted=True)
     def ingest(alias: ALIAS, body: IngestBody, idempotency_key: IDEMPOTENCY_KEY = None) -> JSONResponse:
         def run() -> Answer:
             plane, file = control.plane, Path(body.file)
@@ -219,7 +234,7 @@ def control_router(control: Control, keys: Keys) -> APIRouter:
         return control.answer("POST", f"/aliases/{alias}/retire", body.model_dump() if body else None,
                               idempotency_key, lambda: (200, control.plane.retire(alias, also)))
 
-    @post("/aliases/{alias}/plans", "Plan a migration: time, cost, space (202, a job)")
+    @post("/aliases/{alias}/plans", "Plan a migration: time, cost, space (202, a job)", accepted=True)
     def plan(alias: ALIAS, body: PlanBody, idempotency_key: IDEMPOTENCY_KEY = None) -> JSONResponse:
         from producer.plan import plan as make_plan
 
@@ -229,7 +244,7 @@ def control_router(control: Control, keys: Keys) -> APIRouter:
                 control.settings, alias, body.to_model, body.workers, body.sample))
         return control.answer("POST", f"/aliases/{alias}/plans", body.model_dump(), idempotency_key, run)
 
-    @post("/aliases/{alias}/evaluations", "Evaluate the live model against another (202, a job)")
+    @post("/aliases/{alias}/evaluations", "Evaluate the live model against another (202, a job)", accepted=True)
     def evaluate(alias: ALIAS, body: EvaluateBody, idempotency_key: IDEMPOTENCY_KEY = None) -> JSONResponse:
         from producer.evaluate import Evaluator
 
@@ -241,6 +256,18 @@ def control_router(control: Control, keys: Keys) -> APIRouter:
                     Path(body.qrels_file) if body.qrels_file else None, body.sample, body.k,
                     compare=body.compare, apply_fusion=body.apply_fusion))
         return control.answer("POST", f"/aliases/{alias}/evaluations", body.model_dump(), idempotency_key, run)
+
+    @router.get("/aliases/{alias}/webhook", dependencies=read, summary="Where ALIAS's migration events go")
+    def get_webhook(alias: ALIAS) -> dict[str, Any]:
+        return control.plane.webhook(alias)
+
+    @router.put("/aliases/{alias}/webhook", dependencies=admin, summary="Deliver ALIAS's migration events to a URL")
+    def put_webhook(alias: ALIAS, body: WebhookBody) -> dict[str, Any]:
+        return control.plane.set_webhook(alias, body.url)
+
+    @router.delete("/aliases/{alias}/webhook", dependencies=admin, summary="Deliver ALIAS's events nowhere")
+    def delete_webhook(alias: ALIAS) -> dict[str, Any]:
+        return control.plane.set_webhook(alias, None)
 
     @router.get("/jobs/{job_id}", dependencies=read, summary="A plan, evaluation or ingest job: state and result")
     def job(job_id: Annotated[str, PathParam(min_length=1, max_length=64)]) -> dict[str, Any]:

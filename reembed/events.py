@@ -17,10 +17,12 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import structlog
 
+from reembed.errors import InputError
 from reembed.progress import PREFIX
 from reembed.registry import MigrationRecord, MigrationState
 
@@ -82,10 +84,11 @@ def publish(client: redis.Redis, record: MigrationRecord, previous: MigrationSta
 def read(client: redis.Redis, after: str = "0-0", count: int = 100, block_ms: int | None = None) -> list[Event]:
     """Events after stream id ``after`` (oldest first), waiting up to ``block_ms`` for one."""
     found: Any = client.xread({STREAM: after}, count=count, block=block_ms)
-    return [_event(entry_id, fields) for _, entries in (found or []) for entry_id, fields in entries]
+    return [parse_entry(entry_id, fields) for _, entries in (found or []) for entry_id, fields in entries]
 
 
-def _event(entry_id: Any, fields: dict[Any, Any]) -> Event:
+def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Event:
+    """One stream entry as an ``Event``."""
     raw = {_text(k): _text(v) for k, v in fields.items()}
     return Event(id=_text(entry_id), event=raw["event"], migration_id=raw["migration_id"], alias=raw["alias"],
                  kind=raw["kind"], state=raw["state"], previous=raw["previous"], at=float(raw["at"]),
@@ -98,3 +101,28 @@ def _text(value: Any) -> str:
 
 def dumps(event: Event) -> str:
     return json.dumps(event.to_json(), sort_keys=True)
+
+
+def check_webhook_url(url: str | None) -> str | None:
+    """A webhook URL as given, or None for none.
+
+    Raises:
+        InputError: not an absolute http(s) URL.
+    """
+    if url is None or not url.strip():
+        return None
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
+        raise InputError(f"webhook URL {safe_url(url)!r} is not an http(s) URL; give one such as "
+                         "https://hooks.example.com/reembed")
+    if parts.username or parts.password or parts.query:  # kept in Chroma, where no secret may go
+        raise InputError(f"webhook URL {safe_url(url)!r} carries credentials or a query; give it without: every "
+                         "delivery is signed with REEMBED_WEBHOOK_SECRET (X-Reembed-Signature), check that instead")
+    return url.strip()
+
+
+def safe_url(url: str) -> str:
+    """The URL without credentials or query (they may hold a token): what logs and status show."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"

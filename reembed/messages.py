@@ -110,6 +110,7 @@ class MigrateRequest(Message):
     batch_size: int | None = None
     cutover: Literal["auto", "manual"] = "auto"
     skip_missing_text: bool = False
+    webhook_url: str | None = None
 
 
 class CheckVectorsRequest(Message):

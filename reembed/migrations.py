@@ -16,6 +16,7 @@ import redis
 import structlog
 
 from reembed.documents import validate_corpus
+from reembed.events import check_webhook_url
 from reembed.errors import (
     AliasExistsError,
     InputError,
@@ -85,7 +86,8 @@ def _recent_plan(registry: Registry, alias: str, source: str, to_model: str) -> 
 def start_migration(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,
                     alias: str,
                     to_model: str, batch_size: int | None = None, cutover: Literal["auto", "manual"] | str = "auto",
-                    skip_missing_text: bool = False, max_cost: float | None = None) -> MigrationRecord:
+                    skip_missing_text: bool = False, max_cost: float | None = None,
+                    webhook_url: str | None = None) -> MigrationRecord:
     """Check everything, create the target collection, record the migration as running.
 
     Raises:
@@ -95,6 +97,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
     if cutover not in ("auto", "manual"):
         raise InputError(f"cutover {cutover!r}: use auto or manual")
     size = check_batch_size(batch_size, settings)
+    webhook_url = check_webhook_url(webhook_url)
     spec = resolve_configured(settings, to_model)
     to_fingerprint = fingerprint(spec, settings.data_dir)
     with alias_lock(client, alias):
@@ -117,6 +120,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
             to_model=spec.name, to_fingerprint=to_fingerprint, batch_size=size, cutover=cutover,
             skip_missing_text=skip_missing_text, total=total, skipped=len(missing),
             plan=_recent_plan(registry, alias, source, spec.name), **budget_fields(spec, max_cost),
+            webhook_url=webhook_url,
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "migration")

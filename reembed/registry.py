@@ -84,6 +84,8 @@ class AliasRecord(BaseModel):
     #: model name -> how ``hybrid`` fuses BM25 with that model's ranking on this alias (set by
     #: ``reembed fusion`` or ``evaluate --apply-fusion``); a model not here gets the default.
     fusion: dict[str, FusionSpec] = Field(default_factory=dict)
+    #: Where the state changes of this alias's migrations are POSTed (``producer.webhooks``).
+    webhook_url: str | None = None
 
 
 class PlanRecord(BaseModel):
@@ -152,6 +154,7 @@ class MigrationRecord(BaseModel):
     plan: PlanRecord | None = None  # the latest `reembed plan` of this alias and model, when there is one
     max_cost: float | None = None  # a model behind an API: pause before the spend passes this
     price_per_million_tokens: float = 0.0
+    webhook_url: str | None = None  # this migration's events go here (else to the alias's webhook)
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     finished_at: float | None = None
@@ -223,6 +226,7 @@ class Registry:
             previous_collection=current.live_collection if current else None,
             generation=(current.generation + 1) if current else 1,
             fusion=current.fusion if current else {},  # per model: still right after the switch
+            webhook_url=current.webhook_url if current else None,
         )  # a switch ends any canary: the canary either went live or is no longer wanted
         self._put("alias", alias, record)
         return record
@@ -253,6 +257,10 @@ class Registry:
         if fusion is not None:
             chosen[model] = fusion
         return self._update_alias(alias, expected_generation, fusion=chosen)
+
+    def set_webhook(self, alias: str, url: str | None, expected_generation: int) -> AliasRecord:
+        """Set (or with ``None`` remove) where this alias's migration events are delivered."""
+        return self._update_alias(alias, expected_generation, webhook_url=url)
 
     def _update_alias(self, alias: str, expected_generation: int, **changes: Any) -> AliasRecord:
         """Change fields of the alias record in one write, if nobody changed it since the caller read it."""

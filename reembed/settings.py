@@ -89,6 +89,8 @@ FIELDS: tuple[Field, ...] = (
     Field("ADMIN_KEY", "", "When set, `reembed serve` also serves the control API (start, pause, resume, cancel, "
           "cut over, roll back, canary, retire; plan and evaluate as jobs), which requires this key; it reads too. "
           "Unset: the control API answers 403. Never logged."),
+    Field("WEBHOOK_SECRET", "", "The key `reembed webhooks` signs every delivery with (HMAC-SHA256 in "
+          "`X-Reembed-Signature`); required to deliver. Never logged."),
     Field("LOG_FORMAT", "auto", "auto (console on a terminal, JSON lines otherwise), console or json."),
     Field("LOG_LEVEL", "INFO", "Log level of every process; a `reembed` command logs only warnings unless "
           "this is set."),
@@ -126,6 +128,7 @@ class Settings:
     index_refresh_s: float
     api_key: str = field(repr=False)
     admin_key: str = field(repr=False)
+    webhook_secret: str = field(repr=False)
     log_format: str
     log_level: str
     #: Header name -> value; values are secrets (tokens): never in a repr or a log line.
@@ -158,8 +161,8 @@ class Settings:
         except ConfigError:
             declared = []  # reported where the models are used; the redactor must still start
         keys = [os.environ.get(d.api_key_env, "") for d in declared if d.api_key_env]
-        return tuple(v for v in (self.api_key, self.admin_key, *(value for _, value in self.chroma_headers), *keys)
-                     if v)
+        return tuple(v for v in (self.api_key, self.admin_key, self.webhook_secret,
+                                 *(value for _, value in self.chroma_headers), *keys) if v)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -198,6 +201,7 @@ class Settings:
             index_refresh_s=_float(raw, "INDEX_REFRESH_S", 0.1, 3600),
             api_key=raw["API_KEY"].strip(),
             admin_key=_admin_key(raw["ADMIN_KEY"].strip(), raw["API_KEY"].strip()),
+            webhook_secret=raw["WEBHOOK_SECRET"].strip(),
             log_format=log_format,
             log_level=raw["LOG_LEVEL"].strip().upper() or "INFO",
             chroma_headers=_headers(raw["CHROMA_HEADERS"]),

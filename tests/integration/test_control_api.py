@@ -179,3 +179,62 @@ def test_the_queue_depth_metric_follows_a_migration_on_a_real_scrape(
     finally:
         exporter.send_signal(signal.SIGTERM)
         exporter.wait(timeout=30)
+
+
+def test_the_control_api_fuzzed_from_its_schema_never_answers_5xx_and_a_refusal_changes_nothing(
+        settings: Settings, start_workers: Callable[..., Workers], tmp_path: Path) -> None:
+    """schemathesis over the control routes (valid and invalid requests, with the admin key): no
+    5xx, and after every request answered 4xx the registry (aliases, migrations) is as before."""
+    import threading
+
+    import schemathesis
+    import uvicorn
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hypothesis_settings
+    from schemathesis.generation.modes import GenerationMode
+
+    from cli.service import create_service
+
+    start_workers(1)
+    control = ControlPlane(settings)
+    control.wait(control.ingest("fuzz", scifact_subset(tmp_path / "c.jsonl", 20), str(need(M2V_MINILM))).id,
+                 timeout=120)
+    port = free_port()
+    app = create_service(settings.with_(api_key=READ, admin_key=ADMIN))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+    def registry() -> list[str]:
+        return sorted([a.model_dump_json() for a in control.registry.aliases()]
+                      + [m.model_dump_json() for m in control.registry.migrations()])
+
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json").include(tag="control")
+    seen: dict[int, int] = {}
+    try:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @hypothesis_settings(max_examples=120, deadline=None, database=None,
+                                 suppress_health_check=list(HealthCheck))
+            @given(case=schema.as_strategy(generation_mode=mode))
+            def fuzz(case: schemathesis.Case) -> None:
+                before = registry()
+                response = case.call(timeout=60, headers={"Authorization": f"Bearer {ADMIN}"})
+                seen[response.status_code] = seen.get(response.status_code, 0) + 1
+                assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
+                if response.status_code >= 400:
+                    assert registry() == before, (case.method, case.path, response.status_code, response.text[:300])
+
+            fuzz()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert seen.get(404, 0) > 0 and seen.get(422, 0) > 0, seen  # the fuzz reached both kinds of refusal

@@ -1,8 +1,11 @@
-"""``reembed exporter``: the scale signal for Prometheus, needing nothing but Redis.
+"""The processes ops run beside the workers, and the webhook of an alias.
 
-An autoscaler (KEDA, a Prometheus alert, a script) scales the workers on how many batches wait
-and how long the oldest has waited; the search service need not run for it. Read at scrape time
-from the broker, so two exporters, or one restarted, always agree.
+``reembed exporter``: the scale signal for Prometheus, needing nothing but Redis. An autoscaler
+(KEDA, a Prometheus alert, a script) scales the workers on how many batches wait and how long
+the oldest has waited; the search service need not run for it. Read at scrape time from the
+broker, so two exporters, or one restarted, always agree.
+
+``reembed webhooks``: delivers migration events to webhooks (``producer.webhooks``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cli.common import run_guarded, stack
+from cli.common import emit, json_option, run_guarded, stack
 from reembed.errors import ReembedError
 from reembed.progress import redis_client
 from reembed.queue_depth import batches_in_flight, queue_depths
@@ -63,4 +66,43 @@ def exporter(settings: Settings, host: str, port: int) -> None:
             finally:
                 server.shutdown()
                 thread.join(timeout=5)
+    run_guarded(run)
+
+
+@click.command()
+@click.pass_obj
+def webhooks(settings: Settings) -> None:
+    """Deliver migration events to their webhooks (signed, at least once, in order per URL); run one."""
+    def run() -> None:
+        from producer.webhooks import Deliverer
+        from reembed.registry import Registry
+        from reembed.store import Store
+
+        with stack(settings, 0) as local:
+            deliverer = Deliverer(redis_client(local.settings.redis_url),
+                                  Registry(Store.from_settings(local.settings)), local.settings.webhook_secret)
+            click.echo("reembed: delivering migration events to webhooks", err=True)
+            stop = threading.Event()
+            try:
+                deliverer.run(stop)
+            finally:
+                stop.set()
+    run_guarded(run)
+
+
+@click.command()
+@click.argument("alias")
+@click.option("--set", "url", metavar="URL", help="Deliver the events of ALIAS's migrations to URL.")
+@click.option("--remove", is_flag=True, help="Deliver them nowhere.")
+@json_option
+@click.pass_obj
+def webhook(settings: Settings, alias: str, url: str | None, remove: bool, as_json: bool) -> None:
+    """Show, set or remove where the events of ALIAS's migrations are POSTed."""
+    def run() -> None:
+        from producer import ControlPlane
+
+        with stack(settings, 0) as local:
+            plane = ControlPlane(local.settings)
+            shown = plane.set_webhook(alias, None if remove else url) if (url or remove) else plane.webhook(alias)
+        emit(as_json, shown, f"{alias}: {shown['webhook_url'] or 'no webhook'}")
     run_guarded(run)
