@@ -121,6 +121,27 @@ def test_scopes_and_ten_identical_concurrent_posts_start_one_migration(
     assert [s.status_code for s in second] == [409, 409] and second[0].json() == second[1].json()
     assert len(control.registry.migrations("same")) == 2
 
+    # Long work is a job: a plan, polled until done.
+    accepted = httpx.post(f"{server}/aliases/same/plans", json={"to_model": str(need(M2V_MPNET)), "sample": 20},
+                          headers=admin)
+    assert accepted.status_code == 202 and accepted.json()["state"] in ("queued", "running", "done")
+    job_url = f"{server}/jobs/{accepted.json()['job_id']}"
+    deadline = time.monotonic() + 300
+    while (job := httpx.get(job_url, headers={"Authorization": f"Bearer {READ}"}).json())["state"] != "done":
+        assert job["state"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.3)
+    assert job["result"]["bound_by"] in ("model", "chroma") and job["result"]["docs_per_s"] > 0
+    assert httpx.get(f"{server}/jobs/nosuchjob", headers=admin).status_code == 404
+    # A state the request does not fit is a 409; a cancel is idempotent.
+    migration_id = answers[0].json()["migration_id"]
+    control.wait(migration_id, timeout=300)
+    assert httpx.post(f"{server}/migrations/{migration_id}/resume", headers=admin).status_code == 409
+    cancelled = httpx.post(f"{server}/migrations/{migration_id}/cancel", headers=admin)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    again = httpx.post(f"{server}/migrations/{migration_id}/cancel", headers=admin)
+    assert again.status_code == 200 and again.json()["state"] == "cancelled"
+    assert httpx.post(f"{server}/migrations/{migration_id}/pause", headers=admin).status_code == 409
+
 
 def test_the_control_api_is_off_without_an_admin_key(settings: Settings) -> None:
     from fastapi.testclient import TestClient

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -272,7 +273,8 @@ def test_serve_with_two_workers_builds_each_index_once_and_counts_every_process(
     assert waited[0].built_at == built.built_at and len(waited[0]) == 200  # mapped, not built again
     data = tmp_path / "serve-data"  # no index built by anyone yet
     port = free_port()
-    env = {**os.environ, **settings.to_env(), "REEMBED_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **settings.to_env(), "REEMBED_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1",
+           "REEMBED_SEARCH_MAX_IN_FLIGHT": "2"}
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--workers", "2"],
@@ -302,6 +304,21 @@ def test_serve_with_two_workers_builds_each_index_once_and_counts_every_process(
         ready = readiness.processes(redis.Redis.from_url(settings.redis_url))
         assert len(ready) == 2 and all(live in held for held in ready.values()), ready
         assert len(list((data / "bm25" / live).glob("build-*"))) == 1
+
+        # Overload: 24 batches of 50 queries at once against 2 x 2 admitted: the rest are told to
+        # come back (503, Retry-After) at once rather than queued, and every process counts them.
+        def batch(_: int) -> httpx.Response:
+            return httpx.post(f"{base}/search", json={"alias": "multi", "q": [QUERY] * 50, "k": 10}, timeout=120)
+
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(batch, range(24)))
+        refused = [a for a in answers if a.status_code == 503]
+        assert {a.status_code for a in answers} == {200, 503}, [a.status_code for a in answers]
+        assert all(a.headers["Retry-After"] == "1" and "REEMBED_SEARCH_MAX_IN_FLIGHT" in a.json()["detail"]
+                   for a in refused)
+        scrape = httpx.get(f"{base}/metrics", timeout=10).text
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+                   if line.startswith("reembed_search_refused_total")) == len(refused), scrape
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
