@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,14 +41,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from bench.common import ROOT, SCIFACT, percentile, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT, SCIFACT, fresh_stack, percentile, scifact_test_queries, write_section,
+)
 from cli.services import free_port  # noqa: E402
 from cli.stack import LocalStack  # noqa: E402
 from producer import ControlPlane  # noqa: E402
 from reembed import readiness  # noqa: E402
-from reembed.metrics import read_qrels, read_queries  # noqa: E402
 from reembed.progress import redis_client  # noqa: E402
-from reembed.settings import Settings  # noqa: E402
 
 TITLE = "Search capacity: processes"
 BOUND_MS = 200.0
@@ -153,12 +152,8 @@ def main() -> None:
     parser.add_argument("--start-rate", type=float, default=10.0)
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     args = parser.parse_args()
-    work = ROOT / ".reembed" / "bench-capacity"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    settings = Settings.from_env().with_(data_dir=work, redis_url="", chroma_url="", device="cpu")
-    queries = read_queries(SCIFACT / "queries.jsonl")
-    texts = [queries[q] for q in read_qrels(SCIFACT / "qrels" / "test.tsv")]
+    work, settings = fresh_stack("bench-capacity")
+    texts = scifact_test_queries()
     results: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     with LocalStack(settings) as local:
         local.start_workers(2)

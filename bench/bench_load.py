@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -43,13 +42,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 
-from bench.common import ROOT, SCIFACT, SHARED, percentile, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT, SCIFACT, SHARED, fresh_stack, percentile, scifact_test_queries, write_section,
+)
 from cli.services import free_port  # noqa: E402
 from cli.stack import LocalStack  # noqa: E402
 from producer import ControlPlane  # noqa: E402
-from reembed.metrics import read_qrels, read_queries  # noqa: E402
 from reembed.registry import MigrationState  # noqa: E402
-from reembed.settings import Settings  # noqa: E402
 
 RELIABILITY = ROOT / "RELIABILITY.md"
 TITLE = "Load: HTTP search during a migration"
@@ -180,12 +179,8 @@ def main() -> None:
     parser.add_argument("--to", default="all-MiniLM-L6-v2", help="the migration's target model")
     parser.add_argument("--rate", type=float, default=RATE, help="queries per second (open loop)")
     args = parser.parse_args()
-    work = ROOT / ".reembed" / "bench-load"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    settings = Settings.from_env().with_(data_dir=work, redis_url="", chroma_url="", device="cpu")
-    queries = read_queries(SCIFACT / "queries.jsonl")
-    texts = [queries[q] for q in read_qrels(SCIFACT / "qrels" / "test.tsv")]
+    work, settings = fresh_stack("bench-load")
+    texts = scifact_test_queries()
     rounds: list[dict[str, Any]] = []
     with LocalStack(settings) as local:
         local.start_workers(args.workers)

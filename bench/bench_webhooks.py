@@ -1,14 +1,15 @@
 """Does a webhook receiver that is down (or slow) slow a migration? Same run, interleaved.
 
 The embedded stack, 2 workers, --docs SciFact sentences recombined, static models (the migration
-is then bound by Chroma, where a slowdown would show most). Per round, three migrations one after
-the other, each to the other static model, each with a different webhook on its alias:
+is then bound by Chroma, where a slowdown would show most). Per round, three pairs of migrations,
+each pair to the other static model and back (their mean: the two directions differ in speed),
+each pair with a different webhook on its alias:
 
 - ``none``: no webhook;
 - ``down``: a URL where nothing listens (every delivery fails and is retried);
 - ``slow``: a receiver that answers after 1 s.
 
-The order of the three turns each round (a later migration runs on a fuller Chroma).
+The order of the three pairs turns each round (a later migration runs on a fuller Chroma).
 
 `reembed webhooks`' deliverer runs throughout in this process. docs/s of each migration (start to
 live, as `status` reports it); the ratios down ÷ none and slow ÷ none per round.
@@ -90,16 +91,18 @@ def main() -> None:
             names = list(urls)
             for number in range(args.rounds):  # the order turns each round: no variant is always last
                 for name in names[number % 3:] + names[:number % 3]:
-                    url = urls[name]
-                    control.set_webhook("hooks", url)
-                    record = control.migrate("hooks", MODELS[turn % 2])
-                    final = control.wait(record.id, timeout=1800)
-                    if final.state != MigrationState.LIVE:
-                        raise RuntimeError(f"migration ended {final.state.value}: {final.error}")
-                    rates[name].append(control.status(record.id)["docs_per_s"])
-                    print(name, rates[name][-1], flush=True)
-                    control.retire("hooks", also_previous=control.registry.get_alias("hooks").previous_collection)
-                    turn += 1
+                    control.set_webhook("hooks", urls[name])
+                    pair = []
+                    for _ in range(2):  # to the other model and back: every variant migrates both ways
+                        record = control.migrate("hooks", MODELS[turn % 2])
+                        final = control.wait(record.id, timeout=1800)
+                        if final.state != MigrationState.LIVE:
+                            raise RuntimeError(f"migration ended {final.state.value}: {final.error}")
+                        pair.append(control.status(record.id)["docs_per_s"])
+                        control.retire("hooks", also_previous=control.registry.get_alias("hooks").previous_collection)
+                        turn += 1
+                    rates[name].append(sum(pair) / 2)
+                    print(name, pair, flush=True)
         finally:
             stop.set()
             receiver.shutdown()
@@ -112,9 +115,9 @@ def report(rates: dict[str, list[float]], args: argparse.Namespace) -> None:
     slow = [s / n for s, n in zip(rates["slow"], rates["none"], strict=True)]
     body = f"""`.venv/bin/python bench/bench_webhooks.py --rounds {args.rounds} --docs {args.docs}`. The embedded stack, 2
 workers, {args.docs:,} SciFact sentences recombined, static models (each migration to the other one, so it is bound by
-Chroma), `reembed webhooks`' deliverer running in the bench process throughout. Per round three migrations, interleaved
-(the order turns each round): no webhook, a webhook where nothing listens (every delivery fails and is retried), a receiver that answers after 1 s.
-docs/s start to live, medians of {args.rounds} rounds (min–max):
+Chroma), `reembed webhooks`' deliverer running in the bench process throughout. Per round three pairs of migrations (to the
+other model and back; the order of the pairs turns each round): no webhook, a webhook where nothing listens (every delivery fails and is retried), a receiver that answers after 1 s.
+docs/s start to live (mean of the pair), medians of {args.rounds} rounds (min–max):
 
 | webhook | docs/s |
 |---|---|

@@ -6,8 +6,13 @@ import json
 import os
 import platform
 import random
+import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from reembed.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -74,3 +79,21 @@ def recombined_corpus(path: Path, n: int, seed: int = 7) -> Path:
                 doc_id, text = f"r{i}", " ".join(rng.sample(sentences, 6))
             out.write(json.dumps({"id": doc_id, "text": text}) + "\n")
     return path
+
+
+def fresh_stack(name: str) -> tuple[Path, Settings]:
+    """An empty work folder ``.reembed/NAME`` and settings for an embedded stack in it (CPU)."""
+    from reembed.settings import Settings
+
+    work = ROOT / ".reembed" / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work, Settings.from_env().with_(data_dir=work, redis_url="", chroma_url="", device="cpu")
+
+
+def scifact_test_queries() -> list[str]:
+    """The text of SciFact's 300 judged test queries."""
+    from reembed.metrics import read_qrels, read_queries
+
+    queries = read_queries(SCIFACT / "queries.jsonl")
+    return [queries[q] for q in read_qrels(SCIFACT / "qrels" / "test.tsv")]
