@@ -59,6 +59,8 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between two looks at Redis while waiting for room in the queue or for the end.
 POLL_S = 0.2
+#: Seconds ``set_webhook`` waits for another writer of the alias (a cutover) to finish.
+WEBHOOK_LOCK_WAIT_S = 30.0
 #: While waiting for an ingest, how often to look for batches whose message was lost.
 RESEND_EVERY_S = 5.0
 #: While waiting, how often to ask whether anything still works on the migration.
@@ -185,7 +187,8 @@ class ControlPlane:
         """Deliver the events of ALIAS's migrations to ``url`` (None: to nobody); returns the
         alias's webhook as ``webhook`` shows it."""
         checked = check_webhook_url(url)
-        with alias_lock(self.redis, alias):
+        # Waits for the lock: nothing to decide here, and a migration that just went live may hold it.
+        with alias_lock(self.redis, alias, wait_s=WEBHOOK_LOCK_WAIT_S):
             current = self.registry.get_alias(alias)
             self.registry.set_webhook(alias, checked, current.generation)
         return self.webhook(alias)

@@ -75,18 +75,25 @@ class Deliverer:
         self.queues: dict[str, _Queue] = {}
 
     def run(self, stop: threading.Event) -> None:
-        """Deliver until ``stop`` is set; survives Redis and receivers coming and going."""
-        self._ensure_group()
-        after = "0"
-        while pending := self._read(after):  # what a previous run read and never acknowledged, in order
-            self._take(pending)
-            after = pending[-1].id
+        """Deliver until ``stop`` is set; survives Redis, Chroma and receivers coming and going.
+
+        After any failure to read (Redis, or Chroma for a target) it starts again from the
+        group's pending list: every event read and not yet acknowledged, in order, none lost.
+        """
         while not stop.is_set():
             try:
-                self._take(self._read(">", block_ms=self._block_ms()))
-                self._deliver_due()
-            except redis.RedisError as exc:
-                log.warning("webhooks: Redis unreachable, retrying", error=str(exc))
+                self._ensure_group()
+                self.queues.clear()
+                after = "0"
+                while pending := self._read(after):  # read before and never acknowledged, in order
+                    self._take(pending)
+                    after = pending[-1].id
+                while not stop.is_set():
+                    self._take(self._read(">", block_ms=self._block_ms()))
+                    self._deliver_due()
+            except (redis.RedisError, ReembedError) as exc:
+                log.warning("webhooks: Redis or Chroma unreachable; starting again from the pending events",
+                            error=str(exc))
                 stop.wait(1.0)
 
     # -- reading -------------------------------------------------------------------------------
