@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import redis
+import structlog
 from fastapi import APIRouter, Depends, Header, Path as PathParam, Query
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +30,8 @@ from reembed.access import Keys
 from reembed.errors import QueueUnavailableError, ReembedError
 from reembed.http_errors import error_body, status_for
 from reembed.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 ALIAS = Annotated[str, PathParam(min_length=1, max_length=128)]
 MIGRATION = Annotated[str, PathParam(min_length=1, max_length=64)]
@@ -134,8 +138,11 @@ class Control:
         """Run ``action`` once per ``key``; a ReembedError becomes its status and message."""
         def guarded() -> Answer:
             try:
-                return action()
+                status, content = action()
+                return status, jsonable_encoder(content)  # kept as JSON by the idempotency layer
             except ReembedError as exc:
+                if status_for(exc) == 500:
+                    log.error("control request failed", path=path, error=str(exc))
                 return status_for(exc), error_body(exc)
         try:
             status, content = Idempotency(self.plane.redis).run(key, request_fingerprint(method, path, body), guarded)
