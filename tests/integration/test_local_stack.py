@@ -150,12 +150,14 @@ def test_two_terminals_share_one_stack(folder: Folder, tmp_path: Path) -> None:
     """migrate --wait in one terminal; status, pause, a second migrate, search and resume in
     another: each succeeds or is refused cleanly, and one Redis and one Chroma serve them all."""
     minilm, mpnet = str(need(M2V_MINILM)), str(need(M2V_MPNET))
-    corpus = scifact(tmp_path, 600)
+    corpus = scifact(tmp_path, 1200)
     folder.ok("ingest", "docs", str(corpus), "--model", minilm, "--batch-size", "64")
     folder.assert_nothing_left()
 
     folder.census()
-    migrate = folder.start("migrate", "docs", "--to", mpnet, "--batch-size", "4", "--wait", "--json")
+    # 600 batches of 2: long enough (seconds) that a `pause` from another terminal finds it running
+    # even when each command takes seconds to start on a loaded machine (batches of 4 did not, once).
+    migrate = folder.start("migrate", "docs", "--to", mpnet, "--batch-size", "2", "--wait", "--json")
     migration_id = wait_until(lambda: _latest(folder, "migrate"), "the migration starts")
     wait_until(lambda: folder.ok("status", migration_id)["done"] > 0, "the first batch is written")
     assert folder.ok("pause", migration_id)["state"] == "paused"
@@ -168,13 +170,13 @@ def test_two_terminals_share_one_stack(folder: Folder, tmp_path: Path) -> None:
     assert resume.wait(timeout=COMMAND_S) == 0, resume.communicate()[1][-2000:]
     assert migrate.wait(timeout=COMMAND_S) == 0, migrate.communicate()[1][-2000:]
     final = json.loads(migrate.communicate()[0])
-    assert final["state"] == "live" and final["done"] == 600, final
+    assert final["state"] == "live" and final["done"] == 1200, final
     folder.end_census()
     folder.assert_one_of_each()
     folder.assert_nothing_left()
 
     served = folder.collection(final["target_collection"])
-    assert len(served) == 600
+    assert len(served) == 1200
     assert {m["model_fingerprint"] for _, m in served.values()} == {final["to_fingerprint"]}
 
 
@@ -243,11 +245,11 @@ def test_signals_stop_what_a_command_started_and_sigkill_orphans_are_taken_over(
     folder.assert_nothing_left()  # the last user out stopped what the killed command left
     started = time.monotonic()
     final = folder.ok("resume", migration_id)
-    assert final["state"] == "live" and final["done"] == 600, final
+    assert final["state"] == "live" and final["done"] == 1200, final
     assert time.monotonic() - started < 300, "resume waited for the visibility timeout"
     folder.assert_nothing_left()
     served = folder.collection(final["target_collection"])
-    assert len(served) == 600
+    assert len(served) == 1200
 
 
 def _latest(folder: Folder, kind: str = "ingest") -> str | None:
