@@ -122,6 +122,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         import uvicorn
 
         from cli.service import create_service
+        from search.api import MULTIPROCESS_ENV
 
         with stack(settings, 0) as local:
             if not settings.chroma_url:
@@ -139,7 +140,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
             with _metrics_folder(local.settings.data_dir) as folder:
                 # Each process uvicorn spawns imports the app by name and reads its settings (the
                 # services this command started or found included) from the environment.
-                os.environ.update({**local.settings.to_env(), "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+                os.environ.update({**local.settings.to_env(), MULTIPROCESS_ENV: str(folder)})
                 uvicorn.run("cli.service:service_from_environment", factory=True, workers=workers, **options)
     run_guarded(run)
 
