@@ -132,7 +132,11 @@ def adopt(settings: Settings, alias: str, collection: str, model: str | None, wo
 
 @main.command()
 @click.argument("alias")
-@click.option("--to", "to_model", required=True, help="Target model name or directory.")
+@click.option("--to", "to_model", default=None, help="Target model name or directory (required unless --dimensions).")
+@click.option("--dimensions", type=click.IntRange(min=1), default=None,
+              help="To --to's model (default: the live one) cut to this size: a model declared matryoshka = true.")
+@click.option("--re-embed", is_flag=True,
+              help="Embed every document even where the stored vectors could be cut (--dimensions).")
 @click.option("--batch-size", type=int, default=None, help="Documents per batch [default: REEMBED_BATCH_SIZE].")
 @click.option("--cutover", type=click.Choice(["auto", "manual"]), default="auto", show_default=True,
               help="auto: switch the alias as soon as the target is verified.")
@@ -145,9 +149,9 @@ def adopt(settings: Settings, alias: str, collection: str, model: str | None, wo
 @workers_option
 @json_option
 @click.pass_obj
-def migrate(settings: Settings, alias: str, to_model: str, batch_size: int | None, cutover: str,
-            skip_missing_text: bool, wait: bool, max_cost: float | None, webhook_url: str | None,
-            workers: int | None, as_json: bool) -> None:
+def migrate(settings: Settings, alias: str, to_model: str | None, dimensions: int | None, re_embed: bool,
+            batch_size: int | None, cutover: str, skip_missing_text: bool, wait: bool, max_cost: float | None,
+            webhook_url: str | None, workers: int | None, as_json: bool) -> None:
     """Re-embed ALIAS's live collection with another model; prints the migration id."""
     def run() -> None:
         from producer import ControlPlane
@@ -155,7 +159,7 @@ def migrate(settings: Settings, alias: str, to_model: str, batch_size: int | Non
         with stack(settings, workers, needs_workers=True) as local:
             cp = ControlPlane(local.settings)
             record = cp.migrate(alias, to_model, batch_size, cutover, skip_missing_text, max_cost=max_cost,
-                                webhook_url=webhook_url)
+                                webhook_url=webhook_url, dimensions=dimensions, re_embed=re_embed)
             if not as_json:
                 click.echo(record.id)
             if wait or local.ephemeral:

@@ -34,6 +34,7 @@ from reembed.errors import (
 )
 from reembed.events import check_webhook_url, safe_url
 from reembed.lifecycle import FINAL_STATES, Migration, unfinished
+from reembed.matryoshka import sized_name
 from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
 from reembed.migrations import budget_fields, check_alias_name, start_ingest, start_migration
 from reembed.api_models import declared_for_openai, declared_models
@@ -173,15 +174,25 @@ class ControlPlane:
 
     # -- migrate -----------------------------------------------------------------------------
 
-    def migrate(self, alias: str, to_model: str, batch_size: int | None = None, cutover: str = "auto",
+    def migrate(self, alias: str, to_model: str | None, batch_size: int | None = None, cutover: str = "auto",
                 skip_missing_text: bool = False, max_cost: float | None = None,
-                webhook_url: str | None = None) -> MigrationRecord:
+                webhook_url: str | None = None, dimensions: int | None = None,
+                re_embed: bool = False) -> MigrationRecord:
         """Start a migration; workers pump and embed it. Returns at once with the record.
         ``max_cost`` (a model behind an API): pause before the spend passes it. ``webhook_url``:
-        where its events are POSTed (else the alias's webhook, :meth:`set_webhook`)."""
+        where its events are POSTed (else the alias's webhook, :meth:`set_webhook`).
+        ``dimensions``: to ``to_model`` (default: the live model) cut to that size, a Matryoshka
+        model (``MODEL@SIZE``), taking the stored vectors when they are that model's unless
+        ``re_embed``."""
+        if dimensions is not None:
+            to_model = sized_name(to_model or self.registry.get_collection(
+                self.registry.get_alias(alias).live_collection).model, dimensions)
+        if not to_model:
+            raise InputError("name the model to migrate to (--to), or a size of the live model (--dimensions)")
         return start_migration(self.settings, self.store, self.registry, self.redis, self.outbox, alias=alias,
                                to_model=to_model, batch_size=batch_size, cutover=cutover,
-                               skip_missing_text=skip_missing_text, max_cost=max_cost, webhook_url=webhook_url)
+                               skip_missing_text=skip_missing_text, max_cost=max_cost, webhook_url=webhook_url,
+                               re_embed=re_embed)
 
     def set_webhook(self, alias: str, url: str | None) -> dict[str, Any]:
         """Deliver the events of ALIAS's migrations to ``url`` (None: to nobody); returns the
@@ -408,7 +419,7 @@ class ControlPlane:
             "source_collection": r.source_collection, "target_collection": r.target_collection,
             "state": r.state.value, "created_at": r.created_at, "finished_at": r.finished_at,
             "total": r.total, "done": r.done, "failed": r.failed, "skipped": r.skipped,
-            "verified": r.verified, "verdict": r.verdict, "error": r.error,
+            "verified": r.verified, "verdict": r.verdict, "error": r.error, "shortcut": r.shortcut,
             "live": r.target_collection == current.live_collection,
             "canary": bool(current.canary and current.canary.collection == r.target_collection),
             **_against_plan(r),

@@ -56,7 +56,12 @@ class Body(BaseModel):
 
 
 class MigrateBody(Body):
-    to_model: str = Field(min_length=1, max_length=512, examples=["all-mpnet-base-v2"])
+    to_model: str | None = Field(None, min_length=1, max_length=512, examples=["all-mpnet-base-v2"],
+                                 description="Required unless `dimensions` cuts the live model.")
+    dimensions: int | None = Field(None, ge=1, le=65536, description=(
+        "To `to_model` (default: the live model) cut to this size: a model declared `matryoshka = true`. "
+        "Its stored vectors are cut instead of embedded when they are that model's."))
+    re_embed: bool = Field(False, description="Embed every document even where the stored vectors could be cut.")
     batch_size: int | None = _BATCH
     cutover: Literal["auto", "manual"] = "auto"
     skip_missing_text: bool = False
@@ -171,7 +176,8 @@ def control_router(control: Control, keys: Keys) -> APIRouter:
     def migrate(alias: ALIAS, body: MigrateBody, idempotency_key: IDEMPOTENCY_KEY = None) -> JSONResponse:
         def run() -> Answer:
             record = control.plane.migrate(alias, body.to_model, body.batch_size, body.cutover,
-                                           body.skip_missing_text, body.max_cost, body.webhook_url)
+                                           body.skip_missing_text, body.max_cost, body.webhook_url,
+                                           dimensions=body.dimensions, re_embed=body.re_embed)
             return 202, control.plane.migration_status(record)
         return control.answer("POST", f"/aliases/{alias}/migrations", body.model_dump(), idempotency_key, run)
 

@@ -33,7 +33,7 @@ import re
 import threading
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +41,7 @@ import numpy as np
 
 from reembed.api_client import EmbeddingClient, Endpoint, Limiter, Meter
 from reembed.errors import ConfigError, ModelMismatchError, ModelNotFoundError
+from reembed.matryoshka import unit_rows
 from reembed.models import PROBE_MIN_COSINE, PROBE_TEXT, LoadedModel, ModelSpec, probe_cosine
 
 #: An environment variable's name; anything else in ``api_key_env`` is likely the key itself.
@@ -74,7 +75,8 @@ class ApiModelDeclaration:
     timeout_s: float = 60.0
     max_retries: int = 8
     probe_every_request: bool = True
-    normalized: bool = True  # the endpoint answers unit vectors (OpenAI, TEI and infinity do)
+    normalized: bool = True  # unit vectors (normalised here when the endpoint's answer is not: a cut one)
+    matryoshka: bool = False  # trained to be cut short (``NAME@SIZE``, and the shortcut of reembed.matryoshka)
     query_prefix: str = ""
     document_prefix: str = ""
 
@@ -115,6 +117,26 @@ class ApiModelDeclaration:
                         query=dict(self.query), max_inputs=self.max_inputs_per_request,
                         max_tokens=self.max_tokens_per_request, concurrency=self.concurrency,
                         timeout_s=self.timeout_s, max_retries=self.max_retries)
+
+
+    def at_dimensions(self, size: int, models_file: Path | str) -> ApiModelDeclaration:
+        """This model cut to its first ``size`` dimensions (the name ``NAME@SIZE``): the same
+        endpoint asked for ``dimensions = size``, a vector space of its own (its own fingerprint).
+
+        Raises:
+            ModelNotFoundError: the model is not declared Matryoshka, or ``size`` is not smaller.
+        """
+        name = f"{self.name}@{size}"
+        if not self.matryoshka:
+            raise ModelNotFoundError(
+                f"model {name!r}: {self.name!r} is not declared with matryoshka = true in {models_file}; only a model "
+                "trained to be cut short (OpenAI text-embedding-3-*, nomic-embed-text-v1.5, …) keeps its quality at "
+                "fewer dimensions. Add matryoshka = true to its declaration if it is one, or declare the smaller "
+                "model as its own table")
+        if not 1 <= size < self.dimension:
+            raise ModelNotFoundError(f"model {name!r}: the size after @ must be between 1 and {self.dimension - 1} "
+                                     f"({self.name!r} is declared {self.dimension}-d)")
+        return replace(self, name=name, dimension=size, dimensions=size)
 
 
 #: The type each key of a declaration takes in the file.
@@ -219,6 +241,10 @@ def declared_for_openai(declared: dict[str, ApiModelDeclaration], config: dict[s
     for decl in declared.values():
         if decl.model == model and decl.base_url.rstrip("/") == base.rstrip("/") and decl.dimensions == dimensions:
             return decl.name
+    for decl in declared.values():  # the full model declared Matryoshka: the collection holds it cut short
+        if (decl.model == model and decl.base_url.rstrip("/") == base.rstrip("/") and decl.matryoshka
+                and isinstance(dimensions, int) and 0 < dimensions < decl.dimension):
+            return f"{decl.name}@{dimensions}"
     key = config.get("api_key_env_var") or "OPENAI_API_KEY"
     extra = f"dimensions = {dimensions}\ndimension = {dimensions}" if dimensions else "dimension = <its vectors' size>"
     raise ModelNotFoundError(
@@ -335,7 +361,9 @@ class ApiModel(LoadedModel):
                     "answer in this process): the model behind it changed, and nothing of this request was written. "
                     f"Point the declaration of {self.spec.name!r} back at the model the migration started with, or "
                     "start a new migration")
-        return vectors
+        # A server asked for fewer ``dimensions`` may answer the cut without re-normalising it
+        # (infinity does); what is stored must not depend on which server it was.
+        return unit_rows(vectors) if self.spec.normalize else vectors
 
     @contextlib.contextmanager
     def metered(self, meter: Meter) -> Iterator[None]:

@@ -111,6 +111,7 @@ class MigrateRequest(Message):
     cutover: Literal["auto", "manual"] = "auto"
     skip_missing_text: bool = False
     webhook_url: str | None = None
+    re_embed: bool = False  # embed every document even where the Matryoshka shortcut applies
 
 
 class CheckVectorsRequest(Message):

@@ -2,7 +2,8 @@
 
 Lives in the shared library because two entry points start migrations: the producer (CLI and
 Python API) and the ``reembed.migrate`` task that other services send to the workers.
-Neither loads a model: the target model's fingerprint is a digest of its files.
+Neither loads a model (the target model's fingerprint is a digest of its files), except to check
+the Matryoshka shortcut on a sample (``reembed.matryoshka``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from reembed.errors import (
     InputError,
     MigrationStateError,
     MissingTextError,
+    ModelNotFoundError,
 )
 from reembed.lifecycle import Migration, unfinished
 from reembed.messages import Outbox
-from reembed.models import ModelSpec, fingerprint, recorded_name, resolve_configured
+from reembed.matryoshka import SHORTCUT, check_sample, unavailable
+from reembed.models import ModelSpec, fingerprint, load_configured, recorded_name, resolve_configured
 from reembed.progress import alias_lock
 from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, PlanRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
@@ -87,8 +90,12 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
                     alias: str,
                     to_model: str, batch_size: int | None = None, cutover: Literal["auto", "manual"] | str = "auto",
                     skip_missing_text: bool = False, max_cost: float | None = None,
-                    webhook_url: str | None = None) -> MigrationRecord:
+                    webhook_url: str | None = None, re_embed: bool = False) -> MigrationRecord:
     """Check everything, create the target collection, record the migration as running.
+
+    A target that is the live model at fewer dimensions (a Matryoshka model) takes the stored
+    vectors, cut, once a sample shows that equals the endpoint's answer; ``re_embed`` embeds
+    every document instead.
 
     Raises:
         AliasNotFoundError, ModelNotFoundError, MissingTextError, MigrationStateError,
@@ -100,10 +107,14 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
     webhook_url = check_webhook_url(webhook_url)
     spec = resolve_configured(settings, to_model)
     to_fingerprint = fingerprint(spec, settings.data_dir)
+    cut_from = None if re_embed else _shortcut_source(settings, store, registry, alias, spec)
     with alias_lock(client, alias):
         alias_record = registry.get_alias(alias)
         _refuse_if_active(registry, alias)
         source = alias_record.live_collection
+        if cut_from is not None and cut_from != source:
+            raise MigrationStateError(f"alias {alias!r} switched to {source!r} while the shortcut was checked on "
+                                      f"{cut_from!r}; run migrate again")
         source_record = registry.get_collection(source)
         if source_record.fingerprint == to_fingerprint:
             raise InputError(f"alias {alias!r} is already embedded with {spec.name!r}; nothing to migrate")
@@ -120,14 +131,41 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
             to_model=spec.name, to_fingerprint=to_fingerprint, batch_size=size, cutover=cutover,
             skip_missing_text=skip_missing_text, total=total, skipped=len(missing),
             plan=_recent_plan(registry, alias, source, spec.name), **budget_fields(spec, max_cost),
-            webhook_url=webhook_url,
+            webhook_url=webhook_url, shortcut=SHORTCUT if cut_from else None,
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "migration")
         Migration(record, registry, client, outbox).begin(dict.fromkeys(missing, "document has no text"))
     log.info("migration started", migration_id=record.id, alias=alias, collection=record.target_collection,
-             from_model=record.from_model, to_model=spec.name, total=total, skipped=len(missing))
+             from_model=record.from_model, to_model=spec.name, total=total, skipped=len(missing),
+             shortcut=record.shortcut)
     return record
+
+
+def _shortcut_source(settings: Settings, store: Store, registry: Registry, alias: str, spec: ModelSpec) -> str | None:
+    """The live collection of ``alias`` when a migration to ``spec`` may cut its stored vectors
+    (``spec`` is its model at fewer dimensions, and a sample agrees); None when it must embed.
+
+    Raises:
+        InputError: the shortcut applies but the sample disagrees (the fix: ``--re-embed``).
+    """
+    if spec.api is None or not spec.api.matryoshka:
+        return None
+    source = registry.get_alias(alias).live_collection
+    source_record = registry.get_collection(source)
+    try:
+        source_spec = resolve_configured(settings, source_record.model)
+    except ModelNotFoundError:
+        return None
+    if unavailable(source_spec, spec) or source_record.fingerprint != fingerprint(source_spec, settings.data_dir):
+        return None
+    total = store.count(source)
+    if not total:
+        return None  # refused below: nothing to migrate
+    cosine = check_sample(store, source, total, load_configured(settings, spec.name))
+    log.info("matryoshka shortcut checked on a sample", alias=alias, collection=source, to_model=spec.name,
+             lowest_cosine=round(cosine, 6))
+    return source
 
 
 def start_ingest(settings: Settings, store: Store, registry: Registry, client: redis.Redis, outbox: Outbox, *,

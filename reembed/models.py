@@ -123,6 +123,11 @@ def resolve_model(name: str, declared: Mapping[str, ApiModelDeclaration] | None 
         from reembed.api_models import api_spec
 
         return api_spec(declared[name])
+    base, _, size = name.rpartition("@")
+    if declared and base in declared and size.isdigit():  # a Matryoshka model cut short: NAME@SIZE
+        from reembed.api_models import api_spec
+
+        return api_spec(declared[base].at_dimensions(int(size), models_file or "the models file"))
     for spec in KNOWN_MODELS.values():
         if name == spec.name or name in spec.aliases:
             return spec

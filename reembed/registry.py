@@ -155,6 +155,7 @@ class MigrationRecord(BaseModel):
     max_cost: float | None = None  # a model behind an API: pause before the spend passes this
     price_per_million_tokens: float = 0.0
     webhook_url: str | None = None  # this migration's events go here (else to the alias's webhook)
+    shortcut: Literal["matryoshka"] | None = None  # vectors cut from the source's (reembed.matryoshka)
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     finished_at: float | None = None

@@ -50,7 +50,7 @@ def migration_status(client: redis.Redis, record: MigrationRecord,
         "state": current_state(record, fields.get("state")).value,
         **counts, "docs_per_s": round(rate, 2),
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0 if not remaining else None),
-        "verified": record.verified, "cutover": record.cutover, "error": record.error,
+        "verified": record.verified, "cutover": record.cutover, "error": record.error, "shortcut": record.shortcut,
         "failures": progress.failures(10) if live else {}, "progress_in_redis": live,
         **_truncation(progress, live), **_spend(progress, live, record, recorded_spend),
         "hint": (f"Redis holds no progress for this {record.state.value} migration (it lost its data?): "

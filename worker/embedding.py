@@ -33,6 +33,7 @@ from reembed.errors import (
     StoreError,
 )
 from reembed.lifecycle import Migration
+from reembed.matryoshka import SHORTCUT, from_source
 from reembed.messages import BatchMessage, Outbox
 from reembed.models import LoadedModel
 from reembed.progress import MAX_DELIVERIES
@@ -168,9 +169,16 @@ def reembed_batch(
     write = store.add if (deliveries == 1 and message.write == "add") else store.upsert
     book = time.perf_counter() - started
     try:
+        embed: Callable[[list[str]], np.ndarray] = model.embed_documents
+        sent: Callable[[], int] | None = None
+        if record.shortcut == SHORTCUT and record.source_collection:
+            embed, sent = from_source(store, record.source_collection, ids, message.documents, model)
         with model.metered(Budget(progress, record.price_per_million_tokens)):
             written, failed, timings = embed_and_write(model, record.target_collection, ids, message.documents,
-                                                       message.metadatas, write)
+                                                       message.metadatas, write, embed)
+        if sent is not None and sent():
+            log.info("documents embedded through the endpoint: their text changed since the source was read",
+                     migration_id=migration_id, batch=batch_id, count=sent(), of=len(ids))
     except BudgetReachedError as exc:
         # The next request could pass --max-cost: nothing more is sent. What this batch wrote is
         # rewritten by id when it runs again after `resume --max-cost`, so nothing counts twice.
@@ -239,6 +247,7 @@ _write_s_per_doc = 1 / 800
 
 def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documents: list[str],
                     metadatas: list[dict[str, Any]], write: Callable[..., None],
+                    embed: Callable[[list[str]], np.ndarray] | None = None,
                     ) -> tuple[int, dict[str, str], dict[str, float]]:
     """Embed a batch chunk by chunk and write it in as few writes as keep both the model and
     Chroma busy.
@@ -250,7 +259,8 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
     the model embeds the rest), or if the rest of the batch will keep the model busy for at
     least as long as that write takes (a transformer on a CPU: the write is hidden). Otherwise
     (a fast model, a small batch) it waits to be part of a larger write. At most one write is
-    in flight, so memory stays one batch deep.
+    in flight, so memory stays one batch deep. ``embed`` replaces ``model.embed_documents`` (the
+    Matryoshka shortcut's cut of stored vectors).
 
     Returns:
         (documents written, {id: reason} of failures, seconds spent embedding / writing / waiting).
@@ -275,7 +285,7 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
         for begin in range(0, len(ids), chunk):
             part_ids, part_docs = ids[begin:begin + chunk], documents[begin:begin + chunk]
             start = time.perf_counter()
-            ok, vectors, part_failed = embed_isolating(model.embed_documents, part_ids, part_docs)
+            ok, vectors, part_failed = embed_isolating(embed or model.embed_documents, part_ids, part_docs)
             timings["embed"] += time.perf_counter() - start
             failed.update(part_failed)
             if vectors is not None:

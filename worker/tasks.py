@@ -127,7 +127,7 @@ def migrate_task(self: Task, *args: Any, **kwargs: Any) -> str | None:
     record = start_migration(
         context.settings(), context.store(), context.registry(), context.redis_conn(), outbox,
         alias=request.alias, to_model=request.to_model, batch_size=request.batch_size, cutover=request.cutover,
-        skip_missing_text=request.skip_missing_text, webhook_url=request.webhook_url,
+        skip_missing_text=request.skip_missing_text, webhook_url=request.webhook_url, re_embed=request.re_embed,
     )
     return record.id
 

@@ -79,11 +79,13 @@ def infinity_server(log: Path, threads: int = 1) -> Iterator[str]:
             proc.kill()
 
 
-def server_vectors(url: str, texts: list[str]) -> np.ndarray:
+def server_vectors(url: str, texts: list[str], dimensions: int | None = None) -> np.ndarray:
     """The server's own answer for ``texts`` (JSON floats), asked without reembed's client."""
     out = []
+    extra = {"dimensions": dimensions} if dimensions else {}
     for i in range(0, len(texts), 32):
-        body = httpx.post(f"{url}/embeddings", json={"model": "minilm", "input": texts[i:i + 32]}, timeout=120).json()
+        body = httpx.post(f"{url}/embeddings", json={"model": "minilm", "input": texts[i:i + 32], **extra},
+                          timeout=120).json()
         out += [d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])]
     return np.asarray(out, dtype=np.float32)
 
@@ -102,6 +104,8 @@ class FaultProxy:
         self.requests = 0
         self.served: dict[str, int] = {}
         self.authorizations: set[str] = set()  # the Authorization headers seen
+        self.inputs: list[str] = []  # every text sent to be embedded, in order
+        self.dimensions: list[int | None] = []  # each request's ``dimensions``
         self.lock = threading.Lock()
         self.http = httpx.Client(timeout=300)
         proxy = self
@@ -116,7 +120,10 @@ class FaultProxy:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                request = json.loads(body or b"{}")
                 with proxy.lock:
+                    proxy.inputs += request.get("input", [])
+                    proxy.dimensions.append(request.get("dimensions"))
                     proxy.authorizations.add(self.headers.get("authorization", ""))
                     proxy.requests += 1
                     number = proxy.requests

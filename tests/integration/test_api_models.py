@@ -292,3 +292,52 @@ def test_adopt_reads_chroma_s_openai_configuration(
     assert adopted["model"] == API_MODEL
     with pytest.raises(ModelNotFoundError, match='models."openai:text-embedding-3-large"'):
         control.adopt("other", "other-docs")
+
+
+def test_a_matryoshka_cut_takes_the_stored_vectors_after_checking_a_sample(
+        api_settings: Settings, chroma: ChromaServer, infinity: str, proxy: FaultProxy,
+        start_workers: Callable[..., Workers], tmp_path: Path) -> None:
+    """The live API model at fewer dimensions: the stored vectors cut and re-normalised, no
+    document sent but the sample checked first; refused when the sample disagrees."""
+    from reembed.errors import InputError
+    from reembed.matryoshka import SAMPLE, unit_rows
+    from reembed.models import PROBE_TEXT
+
+    file = Path(api_settings.models_file_setting)
+    file.write_text(file.read_text() + "matryoshka = true\n")
+    control, corpus, ids = started(api_settings, start_workers, tmp_path)
+    ingest = control.ingest("papers", corpus, API_MODEL, batch_size=20)
+    wait_for(control, ingest.id, MigrationState.LIVE)
+
+    sent, requests = len(proxy.inputs), len(proxy.dimensions)
+    record = control.migrate("papers", None, batch_size=20, cutover="manual", dimensions=128)
+    assert record.to_model == f"{API_MODEL}@128" and record.shortcut == "matryoshka"
+    wait_for(control, record.id, MigrationState.COMPLETE)
+    documents = {t for t in proxy.inputs[sent:] if t != PROBE_TEXT}
+    assert 0 < len(documents) <= SAMPLE < len(ids)  # the sample only: no document embedded by the workers
+    assert set(proxy.dimensions[requests:]) == {128}  # every request since asked for 128
+    got_ids, texts, vectors = stored(chroma, record.target_collection)
+    assert got_ids == sorted(ids) and vectors.shape == (len(ids), 128)
+    # Independently: what the server answers at 128 dimensions (infinity cuts without
+    # re-normalising), normalised, is what was stored.
+    assert np.abs(vectors - unit_rows(server_vectors(infinity, texts, dimensions=128))).max() < 1e-5
+    control.cutover("papers")
+    searcher = Searcher(api_settings)
+    title = json.loads(corpus.read_text().splitlines()[3])["title"]
+    hits = searcher.search("papers", title, 5, "semantic")
+    assert hits.served_by.model == f"{API_MODEL}@128" and ids[3] in [h.id for h in hits.results][:3]
+    searcher.close()
+
+    # Another model behind the endpoint now: the sample disagrees, nothing starts.
+    proxy.swap_after = proxy.requests
+    migrations = len(control.history("papers")["migrations"])
+    with pytest.raises(InputError, match="--re-embed"):
+        control.migrate("papers", None, dimensions=64)
+    assert len(control.history("papers")["migrations"]) == migrations
+    # The endpoint fixed, --re-embed sends every document (no shortcut) at the smaller size.
+    proxy.swap_after = None
+    sent = len(proxy.inputs)
+    again = control.migrate("papers", f"{API_MODEL}@64", batch_size=20, cutover="manual", re_embed=True)
+    assert again.shortcut is None
+    wait_for(control, again.id, MigrationState.COMPLETE)
+    assert len({t for t in proxy.inputs[sent:] if t != PROBE_TEXT}) >= len(ids)  # (long ones cut to 256 tokens)
