@@ -10,7 +10,8 @@ throw-away collection, deleted afterwards. The wall time follows the slower of t
 computed from the dimension plus Chroma's per-document overhead (HNSW links, the stored text and
 metadata, measured on the sample). Nothing else is written, except the plan itself (a registry
 record), which the next migration of the alias to that model keeps so that ``history`` can show
-predicted against actual.
+predicted against actual. A migration that will cut the stored vectors (``reembed.matryoshka``)
+costs nothing and goes at Chroma's pace.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from reembed.api_models import ApiModelDeclaration
 from reembed.documents import provenance
 from reembed.errors import InputError, ReembedError
+from reembed.migrations import cuts_from
 from reembed.models import LoadedModel, load_configured, resolve_configured
 from reembed.registry import PlanRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
@@ -184,6 +186,9 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
     vectors_bytes = len(texts) * model.dimension * 4
     overhead = HNSW_BYTES_PER_DOC + sum(extra_bytes) / len(extra_bytes)
     api_cost = spec.price_per_million_tokens * total_tokens / 1e6
+    shortcut = cuts_from(settings, registry, current.live_collection, spec)
+    if shortcut:  # the stored vectors are cut: nothing sent but the sample, only Chroma's pace counts
+        rate, bound_by, api_cost = write_rate, "chroma", 0.0
     warning = space_warning(space, spec.name, spec.normalize, model.similarity)
     out: dict[str, Any] = {
         "alias": alias, "from_model": live.model, "to_model": spec.name, "dimension": model.dimension,
@@ -203,7 +208,7 @@ def plan(settings: Settings, alias: str, to_model: str, workers: int = 1, sample
         "storage_total_bytes": int(vectors_bytes + overhead * len(texts)),
         "price_per_million_tokens": spec.price_per_million_tokens, "api_cost": round(api_cost, 4),
         "space": space, "model_similarity": model.similarity, "normalized": spec.normalize,
-        "warnings": [warning] if warning else [], **api,
+        "warnings": [warning] if warning else [], **api, "shortcut": "matryoshka" if shortcut else None,
     }
     if None not in (queries_per_month, value_per_query, quality_gain):
         benefit = queries_per_month * value_per_query * quality_gain  # type: ignore[operator]

@@ -142,6 +142,19 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
     return record
 
 
+def cuts_from(settings: Settings, registry: Registry, collection: str, spec: ModelSpec) -> bool:
+    """Whether ``spec``'s vectors are ``collection``'s cut short (its model, declared as today, at
+    fewer dimensions): the Matryoshka shortcut applies, pending the sample check."""
+    if spec.api is None or not spec.api.matryoshka:
+        return False
+    record = registry.get_collection(collection)
+    try:
+        source_spec = resolve_configured(settings, record.model)
+    except ModelNotFoundError:
+        return False
+    return unavailable(source_spec, spec) is None and record.fingerprint == fingerprint(source_spec, settings.data_dir)
+
+
 def _shortcut_source(settings: Settings, store: Store, registry: Registry, alias: str, spec: ModelSpec) -> str | None:
     """The live collection of ``alias`` when a migration to ``spec`` may cut its stored vectors
     (``spec`` is its model at fewer dimensions, and a sample agrees); None when it must embed.
@@ -149,15 +162,8 @@ def _shortcut_source(settings: Settings, store: Store, registry: Registry, alias
     Raises:
         InputError: the shortcut applies but the sample disagrees (the fix: ``--re-embed``).
     """
-    if spec.api is None or not spec.api.matryoshka:
-        return None
     source = registry.get_alias(alias).live_collection
-    source_record = registry.get_collection(source)
-    try:
-        source_spec = resolve_configured(settings, source_record.model)
-    except ModelNotFoundError:
-        return None
-    if unavailable(source_spec, spec) or source_record.fingerprint != fingerprint(source_spec, settings.data_dir):
+    if not cuts_from(settings, registry, source, spec):
         return None
     total = store.count(source)
     if not total:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import socket
 import subprocess
@@ -95,9 +96,15 @@ class FaultProxy:
 
     Faults: ``("429", seconds)``, ``("500",)``, ``("drop",)``, ``("stall", seconds)``,
     ``("dimension",)``. ``swap_after`` (a request count) permutes every later answer's vectors.
+
+    ``requests_per_minute`` makes it enforce a provider's limit: a token bucket refilled at that
+    rate holding ``burst_s`` seconds of it (Azure OpenAI evaluates its per-minute limits over
+    10-second windows); a request finding it empty gets 429 with ``retry-after``, and every
+    answer says ``x-ratelimit-remaining-requests``, as OpenAI's do. ``log`` holds
+    (monotonic time, status) of every request.
     """
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, requests_per_minute: int = 0, burst_s: float = 10.0) -> None:
         self.upstream = upstream.rstrip("/")
         self.faults: list[tuple[Any, ...] | None] = []
         self.swap_after: int | None = None
@@ -108,6 +115,9 @@ class FaultProxy:
         self.dimensions: list[int | None] = []  # each request's ``dimensions``
         self.lock = threading.Lock()
         self.http = httpx.Client(timeout=300)
+        self.rpm, self.capacity = requests_per_minute, max(1.0, requests_per_minute * burst_s / 60)
+        self.bucket, self.refilled = self.capacity, time.monotonic()
+        self.log: list[tuple[float, int]] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -129,8 +139,15 @@ class FaultProxy:
                     number = proxy.requests
                     fault = proxy.faults.pop(0) if proxy.faults else None
                 kind = fault[0] if fault else "ok"
+                limit_headers, wait = proxy._take()
+                if wait:
+                    kind, fault = "limited", ("429", wait)
                 with proxy.lock:
                     proxy.served[kind] = proxy.served.get(kind, 0) + 1
+                    proxy.log.append((time.monotonic(), 429 if kind in ("429", "limited") else 200))
+                if kind == "limited":
+                    return self._send(429, b'{"error": {"message": "rate limit reached for requests"}}',
+                                      {"retry-after": str(wait), **limit_headers})
                 if kind == "429":
                     return self._send(429, b'{"error": {"message": "rate limited"}}', {"retry-after": str(fault[1])})
                 if kind == "500":
@@ -150,7 +167,7 @@ class FaultProxy:
                         vector = vector[:-1] if kind == "dimension" else np.roll(vector[::-1], 7)
                         item["embedding"] = (base64.b64encode(vector.astype("<f4").tobytes()).decode()
                                              if isinstance(item["embedding"], str) else vector.tolist())
-                return self._send(answer.status_code, json.dumps(payload).encode())
+                return self._send(answer.status_code, json.dumps(payload).encode(), limit_headers)
 
             def _send(self, status: int, content: bytes, headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
@@ -165,6 +182,21 @@ class FaultProxy:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _take(self) -> tuple[dict[str, str], int]:
+        """One request from the bucket: its headers, and the whole seconds to wait (0: it may go)."""
+        if not self.rpm:
+            return {}, 0
+        with self.lock:
+            now = time.monotonic()
+            self.bucket = min(self.capacity, self.bucket + (now - self.refilled) * self.rpm / 60)
+            self.refilled = now
+            if self.bucket < 1:
+                return ({"x-ratelimit-limit-requests": str(self.rpm), "x-ratelimit-remaining-requests": "0"},
+                        max(1, math.ceil((1 - self.bucket) * 60 / self.rpm)))
+            self.bucket -= 1
+            return {"x-ratelimit-limit-requests": str(self.rpm),
+                    "x-ratelimit-remaining-requests": str(int(self.bucket))}, 0
 
     def close(self) -> None:
         self.server.shutdown()

@@ -309,6 +309,8 @@ def test_a_matryoshka_cut_takes_the_stored_vectors_after_checking_a_sample(
     ingest = control.ingest("papers", corpus, API_MODEL, batch_size=20)
     wait_for(control, ingest.id, MigrationState.LIVE)
 
+    planned = plan(api_settings, "papers", f"{API_MODEL}@128", workers=2, sample=10)
+    assert planned["shortcut"] == "matryoshka" and planned["bound_by"] == "chroma" and planned["api_cost"] == 0
     sent, requests = len(proxy.inputs), len(proxy.dimensions)
     record = control.migrate("papers", None, batch_size=20, cutover="manual", dimensions=128)
     assert record.to_model == f"{API_MODEL}@128" and record.shortcut == "matryoshka"
