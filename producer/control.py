@@ -14,39 +14,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import celery.exceptions
 import structlog
 
+from producer.adopt import adopt
 from producer.fusion import fusion_table, set_fusion
 from reembed import readiness
 from reembed.documents import validate_corpus
 from reembed.fusion import FusionSpec
 from reembed.errors import (
-    AliasExistsError,
     InputError,
     MigrationNotFoundError,
     MigrationStateError,
-    ModelMismatchError,
     NoWorkerError,
-    QueueUnavailableError,
     ReembedError,
     WaitTimeoutError,
 )
 from reembed.events import check_webhook_url, safe_url
 from reembed.lifecycle import FINAL_STATES, Migration, unfinished
 from reembed.matryoshka import sized_name
-from reembed.messages import CheckVectorsRequest, Outbox, VectorCheck
-from reembed.migrations import budget_fields, check_alias_name, start_ingest, start_migration
-from reembed.api_models import declared_for_openai, declared_models
-from reembed.models import fingerprint, resolve_configured
+from reembed.messages import Outbox
+from reembed.migrations import budget_fields, start_ingest, start_migration
+from reembed.models import resolve_configured
 from reembed.pipeline import Feeder
 from reembed.progress import alias_lock, redis_client
 from reembed.queue import client_app
 from reembed.registry import (
     ACTIVE_STATES,
-    REGISTRY_COLLECTION,
     Canary,
-    CollectionRecord,
     MigrationRecord,
     MigrationState,
     Registry,
@@ -110,67 +104,9 @@ class ControlPlane:
     # -- adopt -------------------------------------------------------------------------------
 
     def adopt(self, alias: str, collection: str, model: str | None = None, timeout: float = 600) -> dict[str, Any]:
-        """Put an existing collection under ALIAS after checking that its vectors are the claimed model's.
-
-        Raises:
-            AliasExistsError, CollectionNotFoundError, InputError (no model known),
-            ModelNotFoundError, ModelMismatchError.
-        """
-        check_alias_name(alias)
-        if self.registry.has_alias(alias):
-            raise AliasExistsError(f"alias {alias!r} already exists")
-        self._refuse_owned(collection)
-        if self.store.count(collection) == 0:
-            raise InputError(f"collection {collection!r} is empty; there is nothing to verify a model against")
-        ef = self.store.configuration(collection).get("embedding_function") or {}
-        declared = (ef.get("config") or {}).get("model_name") if ef.get("name") == "sentence_transformer" else None
-        if ef.get("name") == "openai" and not model:
-            declared = declared_for_openai(declared_models(self.settings.models_file), ef.get("config") or {},
-                                           collection, self.settings.models_file)
-        claimed = model or declared
-        if not claimed:
-            raise InputError(
-                f"collection {collection!r} records no sentence-transformers model; name it with --model"
-            )
-        spec = resolve_configured(self.settings, claimed)
-        fp = fingerprint(spec, self.settings.data_dir)
-        if not self.outbox.workers(self.settings.worker_wait_s):
-            raise QueueUnavailableError(f"no reembed worker is running to check the vectors of {collection!r}; "
-                                        "start one with `reembed worker` and run adopt again")
-        check = self.outbox.check_vectors(CheckVectorsRequest(collection=collection, model=spec.name))
-        try:
-            result = VectorCheck.model_validate(check.get(timeout=timeout))
-        except (celery.exceptions.TimeoutError, TimeoutError):
-            check.revoke()
-            raise QueueUnavailableError(f"no worker answered the model check of {collection!r} within {timeout:.0f} s; "
-                                        "start one with `reembed worker` (it reads the reembed.control queue)") from None
-        if not result.match:
-            raise ModelMismatchError(
-                f"collection {collection!r} was not embedded with {spec.name!r}: stored vectors are "
-                f"{result.dimension_stored}-d, the model's {result.dimension_model}-d, cosine of re-embedded "
-                f"documents {result.cosine_min}; name the right model with --model"
-            )
-        self.registry.put_collection(CollectionRecord(
-            name=collection, model=spec.name, fingerprint=fp, dimension=result.dimension_model,
-            origin="adopt", probe=result.probe,
-        ))
-        with alias_lock(self.redis, alias):
-            if self.registry.has_alias(alias):
-                raise AliasExistsError(f"alias {alias!r} already exists")
-            self._refuse_owned(collection)  # again under the lock: another adopt may have won meanwhile
-            self.registry.switch_alias(alias, collection, None)
-        log.info("collection adopted", alias=alias, collection=collection, model=spec.name)
-        return {"alias": alias, "collection": collection, "model": spec.name, "fingerprint": fp,
-                "declared_model": declared, "checked": result.checked, "cosine_min": result.cosine_min}
-
-    def _refuse_owned(self, collection: str) -> None:
-        """One collection serves one alias: retiring one alias would otherwise delete the other's."""
-        if collection == REGISTRY_COLLECTION:
-            raise InputError(f"collection {collection!r} is reembed's own registry; it holds no documents to serve")
-        owner = self.registry.owners().get(collection)
-        if owner is not None:
-            raise InputError(f"collection {collection!r} belongs to alias {owner!r}; one collection serves one alias: "
-                             f"search {owner!r} instead, or copy the collection and adopt the copy")
+        """Put an existing collection under ALIAS after checking that its vectors are the claimed
+        model's (:func:`producer.adopt.adopt`)."""
+        return adopt(self, alias, collection, model, timeout)
 
     # -- migrate -----------------------------------------------------------------------------
 
