@@ -17,7 +17,8 @@ lists, so every figure of one model comes from the same rankings:
 
 Nothing is tuned on the test split. Vectors are cached under ``.reembed/bench-fusion``.
 
-Run: ``.venv/bin/python bench/bench_fusion.py`` (about 20 minutes on 2 CPU cores, mpnet most of it).
+Run: ``.venv/bin/python bench/bench_fusion.py`` (the first time about 2 hours on 2 CPU cores, mpnet's
+5,183 documents 98 minutes of it; minutes once the vectors are cached).
 """
 
 from __future__ import annotations
