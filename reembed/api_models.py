@@ -118,7 +118,6 @@ class ApiModelDeclaration:
                         max_tokens=self.max_tokens_per_request, concurrency=self.concurrency,
                         timeout_s=self.timeout_s, max_retries=self.max_retries)
 
-
     def at_dimensions(self, size: int, models_file: Path | str) -> ApiModelDeclaration:
         """This model cut to its first ``size`` dimensions (the name ``NAME@SIZE``): the same
         endpoint asked for ``dimensions = size``, a vector space of its own (its own fingerprint).
@@ -238,12 +237,12 @@ def declared_for_openai(declared: dict[str, ApiModelDeclaration], config: dict[s
     """
     model, base = config.get("model_name") or "text-embedding-ada-002", config.get("api_base") or OPENAI_BASE_URL
     dimensions = config.get("dimensions")
-    for decl in declared.values():
-        if decl.model == model and decl.base_url.rstrip("/") == base.rstrip("/") and decl.dimensions == dimensions:
+    same = [d for d in declared.values() if d.model == model and d.base_url.rstrip("/") == base.rstrip("/")]
+    for decl in same:
+        if decl.dimensions == dimensions:
             return decl.name
-    for decl in declared.values():  # the full model declared Matryoshka: the collection holds it cut short
-        if (decl.model == model and decl.base_url.rstrip("/") == base.rstrip("/") and decl.matryoshka
-                and isinstance(dimensions, int) and 0 < dimensions < decl.dimension):
+    for decl in same:  # the full model declared Matryoshka: the collection holds it cut short
+        if decl.matryoshka and isinstance(dimensions, int) and 0 < dimensions < decl.dimension:
             return f"{decl.name}@{dimensions}"
     key = config.get("api_key_env_var") or "OPENAI_API_KEY"
     extra = f"dimensions = {dimensions}\ndimension = {dimensions}" if dimensions else "dimension = <its vectors' size>"
