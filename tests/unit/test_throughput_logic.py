@@ -28,6 +28,7 @@ from worker.embedding import embed_and_write
 ])
 def test_forward_batch_is_chosen_per_device(device: str, setting: int, expected: int) -> None:
     assert embed_batch_size(device, setting) == expected
+    assert embed_batch_size(device, setting, static=True) == (setting or 1024)
 
 
 def test_half_precision_only_on_cuda_and_explicit_devices_are_kept() -> None:
@@ -118,16 +119,17 @@ def test_writes_overlap_the_next_embedding_and_keep_every_document(monkeypatch: 
     assert timings["write"] > 0 and timings["embed"] > 0
 
 
-@pytest.mark.parametrize(("delay_s", "expected"), [(0.0, [12]), (0.05, [4, 4, 4])])
+@pytest.mark.parametrize(("delay_s", "write_s_per_doc", "expected"), [(0.0, 0.5, [12]), (0.05, 0.002, [4, 4, 4])])
 def test_writes_start_early_only_when_embedding_the_rest_hides_them(
-        monkeypatch: pytest.MonkeyPatch, delay_s: float, expected: list[int]) -> None:
+        monkeypatch: pytest.MonkeyPatch, delay_s: float, write_s_per_doc: float, expected: list[int]) -> None:
     # Chroma's write has a fixed cost: a fast model (static, GPU) sends its batch whole; a slow
-    # one writes each chunk while it embeds the next.
-    monkeypatch.setattr(embedding, "_write_s_per_doc", 0.002)
+    # one writes each chunk while it embeds the next. The margins are wide on purpose: the fast
+    # case flips only if embedding 4 texts stalls for a second, the slow one only if a 50 ms
+    # sleep returns early or an instant write is still running 50 ms later.
+    monkeypatch.setattr(embedding, "_write_s_per_doc", write_s_per_doc)
     sizes: list[int] = []
 
     def write(collection: str, ids: list[str], **_: Any) -> None:
-        time.sleep(0.002 * len(ids))
         sizes.append(len(ids))
 
     ids = [f"d{i}" for i in range(12)]
