@@ -22,6 +22,7 @@ Writes its sections of BENCHMARKS.md and the raw figures to bench/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ from bench.common import ROOT, SHARED, machine, percentile, recombined_corpus, w
 from cli.services import Workers  # noqa: E402
 from cli.stack import LocalStack  # noqa: E402
 from producer import ControlPlane  # noqa: E402
-from reembed.documents import provenance, read_corpus  # noqa: E402
+from reembed.documents import provenance  # noqa: E402
 from reembed.models import load_configured  # noqa: E402
 from reembed.progress import Progress  # noqa: E402
 from reembed.queue import QUEUE_CONTROL  # noqa: E402
@@ -123,9 +124,11 @@ def _logged_seconds(log: Path, migration_id: str, event: str) -> float | None:
     return None
 
 
-def raw_add(store: Store, settings: Settings, source: str, size: int) -> float:
+def raw_add(store: Store, settings: Settings, source: str, size: int, searched: str | None = None) -> float:
     """The ceiling: the source's documents and metadata with model B's vectors and the provenance
-    fields a migration writes, read and embedded beforehand, then only ``add``-ed (timed)."""
+    fields a migration writes, read and embedded beforehand, then only ``add``-ed (timed). With
+    ``searched`` (an alias), the same search load as a migration's runs against the same server
+    meanwhile: the ceiling a migration that keeps search served can reach."""
     model = load_configured(settings, str(STATIC_B))
     ids, docs, metas = [], [], []
     for page in store.pages(source):
@@ -139,11 +142,12 @@ def raw_add(store: Store, settings: Settings, source: str, size: int) -> float:
         store.delete(name)
     store.create(name, {"bench": "ceiling"})
     collection = store.collection(name)  # plain chromadb from here
-    started = time.perf_counter()
-    for i in range(0, len(ids), size):
-        collection.add(ids=ids[i:i + size], embeddings=vectors[i:i + size], documents=docs[i:i + size],
-                       metadatas=rows[i:i + size])
-    rate = len(ids) / (time.perf_counter() - started)
+    with SearchLoad(settings, searched, "hybrid") if searched else contextlib.nullcontext():
+        started = time.perf_counter()
+        for i in range(0, len(ids), size):
+            collection.add(ids=ids[i:i + size], embeddings=vectors[i:i + size], documents=docs[i:i + size],
+                           metadatas=rows[i:i + size])
+        rate = len(ids) / (time.perf_counter() - started)
     store.delete(name)
     return rate
 
@@ -203,7 +207,8 @@ def run_ratio(docs: int, rounds: int, batch_size: int) -> dict[str, Any]:
         out["write_sizes"], out["best_write_size"] = tried, size
         print("write sizes", tried, flush=True)
         for round_no in range(rounds):
-            row: dict[str, Any] = {"raw": raw_add(store, local.settings, source, size)}
+            row: dict[str, Any] = {"raw": raw_add(store, local.settings, source, size),
+                                   "raw_searched": raw_add(store, local.settings, source, size, searched="src")}
             for workers in (2, 1):
                 row[f"reembed_{workers}"] = migrate(local, control, "src", workers, batch_size)
             print("round", round_no, json.dumps(row, default=str), flush=True)
@@ -278,6 +283,8 @@ def run_growth(sizes: list[int], batch_size: int) -> dict[str, Any]:
 def report_ratio(r: dict[str, Any]) -> None:
     ratios2 = [x["reembed_2"]["docs_per_s"] / x["raw"] for x in r["rounds"]]
     ratios1 = [x["reembed_1"]["docs_per_s"] / x["raw"] for x in r["rounds"]]
+    searched = [x for x in r["rounds"] if "raw_searched" in x]
+    ratios_searched = [x["reembed_2"]["docs_per_s"] / x["raw_searched"] for x in searched]
     two_one = [x["reembed_2"]["docs_per_s"] / x["reembed_1"]["docs_per_s"] for x in r["rounds"]]
 
     def med(xs: list[float]) -> str:
@@ -289,21 +296,28 @@ def report_ratio(r: dict[str, Any]) -> None:
         f"m2v-minilm-256 (256-d), one `chroma run`, `migrate` → `complete` (verified by the full diff) in batches "
         f"of {r['batch_size']}, a hybrid search every 0.2 s throughout. *Raw add*: the same ids, texts, metadata "
         f"(provenance fields included) and model-B vectors, computed beforehand, written with plain `add` in "
-        f"batches of {r['best_write_size']} (the best of the sizes tried, docs/s: {sizes}). "
-        f"{len(r['rounds'])} rounds, interleaved (raw, 2 workers, 1 worker); ratios per round, median (min–max).",
+        f"batches of {r['best_write_size']} (the best of the sizes tried, docs/s: {sizes}), alone (*raw*) and with "
+        f"the same search load as the migrations against the same server (*raw, searched*). "
+        f"{len(r['rounds'])} rounds, interleaved (raw, raw searched, 2 workers, 1 worker); ratios per round, "
+        f"median (min–max).",
         "",
-        "| round | raw add docs/s | reembed 2 workers | reembed 1 worker | 2w ÷ raw | 1w ÷ raw | 2w ÷ 1w "
-        "| searches ok / failed (2w) | search p50 / p95 ms (2w) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| round | raw add docs/s | raw, searched | reembed 2 workers | reembed 1 worker | 2w ÷ raw | 2w ÷ raw searched "
+        "| 1w ÷ raw | 2w ÷ 1w | searches ok / failed (2w) | search p50 / p95 ms (2w) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, x in enumerate(r["rounds"]):
         two, one = x["reembed_2"], x["reembed_1"]
-        lines.append(f"| {i + 1} | {x['raw']:.0f} | {two['docs_per_s']:.0f} | {one['docs_per_s']:.0f} | "
-                     f"{two['docs_per_s'] / x['raw']:.2f} | {one['docs_per_s'] / x['raw']:.2f} | "
+        raw_searched = x.get("raw_searched")
+        vs_searched = f"{two['docs_per_s'] / raw_searched:.2f}" if raw_searched else "–"
+        lines.append(f"| {i + 1} | {x['raw']:.0f} | {f'{raw_searched:.0f}' if raw_searched else '–'} | "
+                     f"{two['docs_per_s']:.0f} | {one['docs_per_s']:.0f} | {two['docs_per_s'] / x['raw']:.2f} | "
+                     f"{vs_searched} | "
+                     f"{one['docs_per_s'] / x['raw']:.2f} | "
                      f"{two['docs_per_s'] / one['docs_per_s']:.2f} | {two['searches']['ok']} / "
                      f"{two['searches']['failed']} | {two['searches']['p50_ms']:.0f} / {two['searches']['p95_ms']:.0f} |")
     first = r["rounds"][0]
-    lines += ["", f"**reembed 2 workers ÷ raw add: {med(ratios2)}**; 1 worker ÷ raw: {med(ratios1)}; "
+    lines += ["", f"**reembed 2 workers ÷ raw add: {med(ratios2)}**; ÷ raw add with search served: "
+              f"{med(ratios_searched) if ratios_searched else '–'}; 1 worker ÷ raw: {med(ratios1)}; "
               f"2 workers ÷ 1 worker: {med(two_one)}. Verification diff, round 1: "
               f"{first['reembed_2']['diff_s'] or float('nan'):.2f} s (2 workers). Per batch of {r['batch_size']}, "
               f"round 1, ms (2 workers / 1 worker): " + "; ".join(
