@@ -16,6 +16,8 @@ server writes. Two parts, each in one run on one ``chroma run``:
 
 Run: ``.venv/bin/python bench/bench_ceiling.py --ratio`` (about 10 minutes) and
 ``--growth 10000,100000,1000000`` (about 90 minutes on 2 cores; the 1M ingest alone is ~25).
+``--ramp 1000000``: Chroma alone, its ``add`` rate as one collection grows to 1M (about 35 minutes):
+the rate a migration's target can be written at, at each size, whatever writes it.
 Writes its sections of BENCHMARKS.md and the raw figures to bench/results/.
 """
 
@@ -280,6 +282,72 @@ def run_growth(sizes: list[int], batch_size: int) -> dict[str, Any]:
     return out
 
 
+def run_ramp(size: int, write: int = 2048) -> dict[str, Any]:
+    """Chroma's own ``add`` rate as one collection grows from empty to ``size`` documents: no
+    reembed, no search, nothing else on the server. The texts, five metadata keys, provenance and
+    model-B vectors are all made first; then only ``add`` (batches of ``write``) is timed, batch
+    by batch, with the collection's size before it."""
+    work = WORK / "ramp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    settings = Settings.from_env().with_(data_dir=work, redis_url="", chroma_url="")
+    corpus = with_metadata(recombined_corpus(work / "corpus.jsonl", size))
+    model = load_configured(settings, str(STATIC_B))
+    ids, docs, rows = [], [], []
+    with corpus.open(encoding="utf-8") as handle:
+        for line in handle:
+            doc = json.loads(line)
+            ids.append(doc["id"])
+            docs.append(doc["text"])
+    started = time.perf_counter()
+    vectors = model.embed_documents(docs)
+    embed_s = time.perf_counter() - started
+    with corpus.open(encoding="utf-8") as handle:
+        rows = [provenance(model, text, json.loads(line)["metadata"]) for text, line in zip(docs, handle, strict=True)]
+    batches: list[tuple[int, int, float]] = []  # (documents before, documents added, seconds)
+    with LocalStack(settings) as local:
+        store = Store.from_settings(local.settings)
+        store.create("ramp", {"bench": "ramp"})
+        collection = store.collection("ramp")
+        for i in range(0, size, write):
+            began = time.perf_counter()
+            collection.add(ids=ids[i:i + write], embeddings=vectors[i:i + write], documents=docs[i:i + write],
+                           metadatas=rows[i:i + write])
+            batches.append((i, len(ids[i:i + write]), time.perf_counter() - began))
+            if len(batches) % 50 == 0:
+                print(f"ramp {i + write:,} documents, last batch {batches[-1][2]:.2f} s", flush=True)
+    corpus.unlink(missing_ok=True)
+    return {"machine": machine(), "size": size, "write": write, "model_embed_s": embed_s, "batches": batches}
+
+
+def ramp_rate(batches: list[tuple[int, int, float]], low: int, high: int) -> float:
+    """docs/s of the batches that started with the collection holding ``low`` ≤ n < ``high``."""
+    chosen = [(count, seconds) for start, count, seconds in batches if low <= start < high]
+    return sum(c for c, _ in chosen) / sum(s for _, s in chosen) if chosen else float("nan")
+
+
+def report_ramp(r: dict[str, Any]) -> None:
+    batches = [(int(b[0]), int(b[1]), float(b[2])) for b in r["batches"]]
+    write, size = r["write"], r["size"]
+    marks = [m for m in (10_000, 100_000, 500_000, 1_000_000) if m <= size] or [size]
+    first = ramp_rate(batches, 0, marks[0])
+    lines = [
+        f"One `chroma run`, nothing else on it: {size:,} SciFact sentences recombined (five metadata keys, "
+        f"the provenance fields a migration writes, model-B vectors, 256-d), all made beforehand, then only "
+        f"`add` in batches of {write:,} into one collection as it grows; each batch timed with the collection's "
+        f"size before it. *Average to n*: what a migration of n documents sees (its target grows from empty to "
+        f"n); *at n*: the batches that started between 0.8 n and n.",
+        "",
+        "| n | average add docs/s, 0 → n | ÷ average to 10k | add docs/s at n | ÷ average to 10k |",
+        "|---|---|---|---|---|",
+    ]
+    for mark in marks:
+        average, at = ramp_rate(batches, 0, mark), ramp_rate(batches, int(0.8 * mark), mark)
+        lines.append(f"| {mark:,} | {average:.0f} | {average / first:.2f} | {at:.0f} | {at / first:.2f} |")
+    write_section("Chroma's own add rate as a collection grows (bench/bench_ceiling.py --ramp)", "\n".join(lines))
+    print("\n".join(lines))
+
+
 def report_ratio(r: dict[str, Any]) -> None:
     ratios2 = [x["reembed_2"]["docs_per_s"] / x["raw"] for x in r["rounds"]]
     ratios1 = [x["reembed_1"]["docs_per_s"] / x["raw"] for x in r["rounds"]]
@@ -374,6 +442,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--growth", default="", help="corpus sizes, comma-separated (e.g. 10000,100000,1000000)")
+    parser.add_argument("--ramp", type=int, default=0, help="Chroma's own add rate as a collection grows to N")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.ratio:
@@ -384,6 +453,10 @@ def main() -> None:
         growth = run_growth([int(s) for s in args.growth.split(",")], args.batch_size)
         (RESULTS / "cpu-growth-1m.json").write_text(json.dumps(growth, indent=1, default=str))
         report_growth(growth)
+    if args.ramp:
+        ramp = run_ramp(args.ramp)
+        (RESULTS / "cpu-ramp.json").write_text(json.dumps(ramp, indent=1, default=str))
+        report_ramp(ramp)
 
 
 if __name__ == "__main__":
