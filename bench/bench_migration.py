@@ -312,15 +312,20 @@ def main() -> None:
         local.control = Workers(local.settings, 1, queues=QUEUE_CONTROL).start(work / "control.log")
         ingest_source(control, local, "src", corpus, str(STATIC_A))
         for name in args.models.split(","):
-            row: dict[str, Any] = {"limit": {}, "naive": [], "reembed": {}}
+            row: dict[str, Any] = {"limit": {}, "limit_rounds": {}, "naive": [], "reembed": {}}
             for backend in backends:
                 row["limit"][backend] = encode_limit(name, texts, device, backend)
+                row["limit_rounds"][backend] = [row["limit"][backend]]
                 print(name, backend, "limit", row["limit"][backend], flush=True)
             for round_no in range(rounds):  # interleaved, so a slow spell of a shared machine hits all alike
                 row["naive"].append(naive(local.settings, control.registry.get_alias("src").live_collection, name,
                                           device))
                 print(name, "round", round_no, "naive", row["naive"][-1], flush=True)
                 for backend in backends:
+                    if round_no > 0:  # the limit again, at the batch found in round 1: its own per-round ratio
+                        again = encode_limit(name, texts, device, backend, row["limit"][backend]["batch_size"])
+                        row["limit_rounds"][backend].append(again)
+                        print(name, "round", round_no, backend, "limit", again, flush=True)
                     for count in counts if round_no == 0 else [max(counts)]:
                         run = run_reembed(local, control, "src", name, count, batch_size, "hybrid", backend)
                         row["reembed"].setdefault(f"{backend}_{count}", []).append(run)
@@ -356,7 +361,8 @@ def report(results: dict[str, Any], section: str) -> None:
         "cores (best batch size), its transformer on the runtime of the row. Naive = read all + Chroma's "
         "`SentenceTransformerEmbeddingFunction` (torch) + `add`, search down meanwhile. "
         f"Naive and reembed with {top} workers ran {rounds} time(s), interleaved; their figures are medians, "
-        f"and *{top}w ÷ naive* is the median of the per-round ratios (min–max). Limits and 1 worker: round 1. "
+        f"and *{top}w ÷ naive* is the median of the per-round ratios (min–max); so is *{top}w ÷ limit*, the limit "
+        f"measured again in each round at the batch size found in round 1. 1 worker: round 1. "
         f"*searches*: the 1-worker run, then each {top}-worker round.",
         "",
         f"| model | runtime | limit docs/s | naive docs/s | reembed 1 worker | reembed {top} workers | 1w ÷ limit "
@@ -372,19 +378,28 @@ def report(results: dict[str, Any], section: str) -> None:
             rt = _median([r["docs_per_s"] for r in tops])
             ratios = [r["docs_per_s"] / n for r, n in zip(tops, naive_rates, strict=False)]
             spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+            limits = [x["docs_per_s"] for x in row.get("limit_rounds", {}).get(backend, [limit])]
+            of_limit = [r["docs_per_s"] / x for r, x in zip(tops, limits, strict=False)]
+            lim_spread = f" ({min(of_limit):.2f}–{max(of_limit):.2f})" if len(of_limit) > 1 else ""
             searches = " · ".join(f"{r['searches']['ok']} / {r['searches']['failed']}" for r in ones[:1] + tops)
             lines.append(f"| {_name(model)} | {backend} | {lim:.1f} (batch {limit['batch_size']}) | "
-                         f"{_median(naive_rates):.1f} | {r1:.1f} | {rt:.1f} | {r1 / lim:.2f} | {rt / lim:.2f} | "
+                         f"{_median(naive_rates):.1f} | {r1:.1f} | {rt:.1f} | {r1 / lim:.2f} | {_median(of_limit):.2f}{lim_spread} | "
                          f"{_median(ratios):.2f}{spread} | {rt / r1:.2f} | {searches} |")
     if rounds > 1:
         lines += ["", "Each round (docs/s):", "",
-                  "| model | round | naive | " + " | ".join(f"reembed {top}w {b}" for b in results["backends"]) + " |",
-                  "|---|---|---|" + "---|" * len(results["backends"])]
+                  "| model | round | naive | " + " | ".join(f"limit {b} | reembed {top}w {b}" for b in results["backends"])
+                  + " |", "|---|---|---|" + "---|---|" * len(results["backends"])]
         for model, row in results["models"].items():
             for i, nai in enumerate(row["naive"]):
-                cells = [f"{row['reembed'][f'{b}_{top}'][i]['docs_per_s']:.1f} "
-                         f"({row['reembed'][f'{b}_{top}'][i]['docs_per_s'] / nai['docs_per_s']:.2f}×)"
-                         for b in results["backends"] if i < len(row["reembed"].get(f"{b}_{top}", []))]
+                cells = []
+                for b in results["backends"]:
+                    runs, limits = row["reembed"].get(f"{b}_{top}", []), row.get("limit_rounds", {}).get(b, [])
+                    if i >= len(runs):
+                        continue
+                    rate = runs[i]["docs_per_s"]
+                    lim_cell = f"{limits[i]['docs_per_s']:.1f}" if i < len(limits) else "–"
+                    of_lim = f", {rate / limits[i]['docs_per_s']:.2f}× limit" if i < len(limits) else ""
+                    cells.append(f"{lim_cell} | {rate:.1f} ({rate / nai['docs_per_s']:.2f}× naive{of_lim})")
                 lines.append(f"| {_name(model)} | {i + 1} | {nai['docs_per_s']:.1f} | " + " | ".join(cells) + " |")
     lines += ["", "Where the time goes, round 1 (ms per batch, summed over the batch's chunks; writes overlap the next "
               "chunk's embedding, so *write wait* is the part of the write that was not hidden; *before* / *after*: "
