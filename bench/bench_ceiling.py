@@ -282,11 +282,12 @@ def run_growth(sizes: list[int], batch_size: int) -> dict[str, Any]:
     return out
 
 
-def run_ramp(size: int, write: int = 2048) -> dict[str, Any]:
+def run_ramp(size: int, sync_thresholds: list[int], write: int = 2048) -> dict[str, Any]:
     """Chroma's own ``add`` rate as one collection grows from empty to ``size`` documents: no
     reembed, no search, nothing else on the server. The texts, five metadata keys, provenance and
     model-B vectors are all made first; then only ``add`` (batches of ``write``) is timed, batch
-    by batch, with the collection's size before it."""
+    by batch, with the collection's size before it: once per HNSW ``sync_threshold`` (how many
+    added vectors make Chroma save its index and its id map to disk), each into a fresh server."""
     work = WORK / "ramp"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -304,20 +305,24 @@ def run_ramp(size: int, write: int = 2048) -> dict[str, Any]:
     embed_s = time.perf_counter() - started
     with corpus.open(encoding="utf-8") as handle:
         rows = [provenance(model, text, json.loads(line)["metadata"]) for text, line in zip(docs, handle, strict=True)]
-    batches: list[tuple[int, int, float]] = []  # (documents before, documents added, seconds)
-    with LocalStack(settings) as local:
-        store = Store.from_settings(local.settings)
-        store.create("ramp", {"bench": "ramp"})
-        collection = store.collection("ramp")
-        for i in range(0, size, write):
-            began = time.perf_counter()
-            collection.add(ids=ids[i:i + write], embeddings=vectors[i:i + write], documents=docs[i:i + write],
-                           metadatas=rows[i:i + write])
-            batches.append((i, len(ids[i:i + write]), time.perf_counter() - began))
-            if len(batches) % 50 == 0:
-                print(f"ramp {i + write:,} documents, last batch {batches[-1][2]:.2f} s", flush=True)
+    runs: dict[int, list[tuple[int, int, float]]] = {}  # threshold: [(documents before, added, seconds)]
+    for threshold in sync_thresholds:
+        batches = runs[threshold] = []
+        shutil.rmtree(work / "chroma", ignore_errors=True)
+        with LocalStack(settings) as local:
+            store = Store.from_settings(local.settings)
+            store.create("ramp", {"bench": "ramp"}, hnsw={"space": "cosine", "sync_threshold": threshold})
+            collection = store.collection("ramp")
+            for i in range(0, size, write):
+                began = time.perf_counter()
+                collection.add(ids=ids[i:i + write], embeddings=vectors[i:i + write], documents=docs[i:i + write],
+                               metadatas=rows[i:i + write])
+                batches.append((i, len(ids[i:i + write]), time.perf_counter() - began))
+                if len(batches) % 50 == 0:
+                    print(f"ramp sync_threshold={threshold}: {i + write:,} documents, last batch "
+                          f"{batches[-1][2]:.2f} s", flush=True)
     corpus.unlink(missing_ok=True)
-    return {"machine": machine(), "size": size, "write": write, "model_embed_s": embed_s, "batches": batches}
+    return {"machine": machine(), "size": size, "write": write, "model_embed_s": embed_s, "runs": runs}
 
 
 def ramp_rate(batches: list[tuple[int, int, float]], low: int, high: int) -> float:
@@ -327,23 +332,29 @@ def ramp_rate(batches: list[tuple[int, int, float]], low: int, high: int) -> flo
 
 
 def report_ramp(r: dict[str, Any]) -> None:
-    batches = [(int(b[0]), int(b[1]), float(b[2])) for b in r["batches"]]
-    write, size = r["write"], r["size"]
-    marks = [m for m in (10_000, 100_000, 500_000, 1_000_000) if m <= size] or [size]
-    first = ramp_rate(batches, 0, marks[0])
+    size, write = r["size"], r["write"]
+    runs = {int(t): [(int(b[0]), int(b[1]), float(b[2])) for b in batches] for t, batches in r["runs"].items()}
+    marks = [m for m in (10_000, 100_000, 200_000, 500_000, 1_000_000) if m <= size] or [size]
     lines = [
         f"One `chroma run`, nothing else on it: {size:,} SciFact sentences recombined (five metadata keys, "
         f"the provenance fields a migration writes, model-B vectors, 256-d), all made beforehand, then only "
-        f"`add` in batches of {write:,} into one collection as it grows; each batch timed with the collection's "
-        f"size before it. *Average to n*: what a migration of n documents sees (its target grows from empty to "
-        f"n); *at n*: the batches that started between 0.8 n and n.",
+        f"`add` in batches of {write:,} into one collection as it grows, each batch timed with the collection's "
+        f"size before it; a fresh server per HNSW `sync_threshold` (Chroma saves its HNSW index and the "
+        f"collection's whole id map to disk each time that many vectors were added since the last save; "
+        f"default 1,000). *Average 0 → n*: what a migration of n documents sees (its target grows from empty "
+        f"to n); *at n*: the batches that started between 0.8 n and n. docs/s, and ÷ the average to "
+        f"{marks[0]:,} of the same threshold.",
         "",
-        "| n | average add docs/s, 0 → n | ÷ average to 10k | add docs/s at n | ÷ average to 10k |",
-        "|---|---|---|---|---|",
+        "| n | " + " | ".join(f"sync_threshold {t:,}: average 0 → n | at n" for t in runs) + " |",
+        "|---|" + "---|---|" * len(runs),
     ]
     for mark in marks:
-        average, at = ramp_rate(batches, 0, mark), ramp_rate(batches, int(0.8 * mark), mark)
-        lines.append(f"| {mark:,} | {average:.0f} | {average / first:.2f} | {at:.0f} | {at / first:.2f} |")
+        cells = []
+        for batches in runs.values():
+            first = ramp_rate(batches, 0, marks[0])
+            average, at = ramp_rate(batches, 0, mark), ramp_rate(batches, int(0.8 * mark), mark)
+            cells.append(f"{average:.0f} ({average / first:.2f}) | {at:.0f} ({at / first:.2f})")
+        lines.append(f"| {mark:,} | " + " | ".join(cells) + " |")
     write_section("Chroma's own add rate as a collection grows (bench/bench_ceiling.py --ramp)", "\n".join(lines))
     print("\n".join(lines))
 
@@ -443,6 +454,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--growth", default="", help="corpus sizes, comma-separated (e.g. 10000,100000,1000000)")
     parser.add_argument("--ramp", type=int, default=0, help="Chroma's own add rate as a collection grows to N")
+    parser.add_argument("--sync-thresholds", default="1000", help="HNSW sync_threshold values for --ramp")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.ratio:
@@ -454,7 +466,7 @@ def main() -> None:
         (RESULTS / "cpu-growth-1m.json").write_text(json.dumps(growth, indent=1, default=str))
         report_growth(growth)
     if args.ramp:
-        ramp = run_ramp(args.ramp)
+        ramp = run_ramp(args.ramp, [int(t) for t in args.sync_thresholds.split(",")])
         (RESULTS / "cpu-ramp.json").write_text(json.dumps(ramp, indent=1, default=str))
         report_ramp(ramp)
 
