@@ -1,7 +1,7 @@
 """At Chroma's ceiling: reembed against plain ``add`` into the same server, and growth to 1M documents.
 
 With a static model, embedding costs next to nothing and a migration is bound by what one Chroma
-server writes. Two parts, each in one run on one ``chroma run``:
+server writes. Three parts, each in one run:
 
 - **ratio** (``--ratio``): 20,000 SciFact documents (five metadata keys) are migrated static model
   A → static model B with 1 and with 2 workers while a thread searches the alias (hybrid, every
@@ -14,10 +14,14 @@ server writes. Two parts, each in one run on one ``chroma run``:
   largest collection: milliseconds per page of a scan at offsets 0, 100k, 500k and 1M, as
   reembed reads (ids listed in chunks, documents by id) and as a plain ``get(offset=…)`` does.
 
-Run: ``.venv/bin/python bench/bench_ceiling.py --ratio`` (about 10 minutes) and
-``--growth 10000,100000,1000000`` (about 90 minutes on 2 cores; the 1M ingest alone is ~25).
-``--ramp 1000000``: Chroma alone, its ``add`` rate as one collection grows to 1M (about 35 minutes):
-the rate a migration's target can be written at, at each size, whatever writes it.
+- **ramp** (``--ramp 1000000``): Chroma alone, no reembed: its ``add`` rate, batch by batch, as one
+  collection grows from empty to N: the rate a migration's target can be written at, at each
+  size, whatever writes it. ``--sync-thresholds 1000,8192`` repeats it on a fresh server per
+  HNSW ``sync_threshold`` (how often Chroma saves the index).
+
+Run: ``.venv/bin/python bench/bench_ceiling.py --ratio`` (about 40 minutes: 3 rounds),
+``--growth 10000,100000,1000000`` (about 2 hours on 2 cores; the 1M ingest alone is ~30 minutes)
+and ``--ramp 1000000`` (about 40 minutes).
 Writes its sections of BENCHMARKS.md and the raw figures to bench/results/.
 """
 

@@ -143,3 +143,17 @@ def test_a_failed_write_is_raised_so_the_task_retries_the_batch() -> None:
 
     with pytest.raises(StoreUnavailableError):
         embed_and_write(FakeModel(2), "target", ["a", "b", "c"], ["x", "y", "z"], [{}] * 3, write)  # type: ignore[arg-type]
+
+
+def test_the_plan_slows_chroma_writes_with_the_logarithm_of_the_target_size() -> None:
+    from producer.plan import chroma_growth
+
+    assert chroma_growth(100) == 1.0 and chroma_growth(2048) == 1.0  # no bigger than the probe
+    sizes = [4_096, 20_000, 100_000, 1_000_000, 10_000_000]
+    factors = [chroma_growth(n) for n in sizes]
+    assert factors == sorted(factors) and factors[0] > 1.0
+    # the closed form equals the mean of 1 + k·ln(n/p) over a target growing from empty to N
+    n_max, p, k = 1_000_000, 2048, 0.19
+    steps = np.arange(1, n_max + 1, 97, dtype=np.float64)
+    mean = float(np.mean(np.where(steps <= p, 1.0, 1.0 + k * np.log(steps / p))))
+    assert abs(chroma_growth(n_max, p, k) - mean) < 1e-3
