@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -335,6 +336,20 @@ def ramp_rate(batches: list[tuple[int, int, float]], low: int, high: int) -> flo
     return sum(c for c, _ in chosen) / sum(s for _, s in chosen) if chosen else float("nan")
 
 
+PROBE_SIZE = 2048  # producer.plan.PROBE_DOCS: the size of the plan's write probe
+
+
+def slowdown_per_efold(batches: list[tuple[int, int, float]]) -> tuple[float, str]:
+    """Fit seconds per document = a + b·ln(n) over the batches past the probe's size; returns
+    b ÷ (a + b·ln(PROBE_SIZE)) and the fit in words."""
+    import numpy as np
+
+    rows = [(math.log(start + count / 2), seconds / count) for start, count, seconds in batches if start >= PROBE_SIZE]
+    b, a = np.polyfit([x for x, _ in rows], [y for _, y in rows], 1)
+    at_probe = a + b * math.log(PROBE_SIZE)
+    return float(b / at_probe), f"{1000 * a:.3f} + {1000 * b:.3f}·ln(n) ms"
+
+
 def report_ramp(r: dict[str, Any]) -> None:
     size, write = r["size"], r["write"]
     runs = {int(t): [(int(b[0]), int(b[1]), float(b[2])) for b in batches] for t, batches in r["runs"].items()}
@@ -359,6 +374,11 @@ def report_ramp(r: dict[str, Any]) -> None:
             average, at = ramp_rate(batches, 0, mark), ramp_rate(batches, int(0.8 * mark), mark)
             cells.append(f"{average:.0f} ({average / first:.2f}) | {at:.0f} ({at / first:.2f})")
         lines.append(f"| {mark:,} | " + " | ".join(cells) + " |")
+    for threshold, batches in runs.items():
+        k, fit = slowdown_per_efold(batches)
+        lines += ["", f"sync_threshold {threshold:,}: time per document ≈ {fit}; that is {k:.3f} of the time into a "
+                      f"collection of {PROBE_SIZE:,} per e-fold of size (what `reembed plan` assumes: "
+                      f"`CHROMA_SLOWDOWN_PER_EFOLD`)."]
     write_section("Chroma's own add rate as a collection grows (bench/bench_ceiling.py --ramp)", "\n".join(lines))
     print("\n".join(lines))
 
