@@ -336,18 +336,16 @@ def ramp_rate(batches: list[tuple[int, int, float]], low: int, high: int) -> flo
     return sum(c for c, _ in chosen) / sum(s for _, s in chosen) if chosen else float("nan")
 
 
-PROBE_SIZE = 2048  # producer.plan.PROBE_DOCS: the size of the plan's write probe
-
-
-def slowdown_per_efold(batches: list[tuple[int, int, float]]) -> tuple[float, str]:
-    """Fit seconds per document = a + b·ln(n) over the batches past the probe's size; returns
-    b ÷ (a + b·ln(PROBE_SIZE)) and the fit in words."""
+def slowdown_fit(batches: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """Fit seconds per document = t0·(1 + c·√n), t0 from the first three batches (an empty
+    collection, as `reembed plan`'s probe writes); returns (t0, c)."""
     import numpy as np
 
-    rows = [(math.log(start + count / 2), seconds / count) for start, count, seconds in batches if start >= PROBE_SIZE]
-    b, a = np.polyfit([x for x, _ in rows], [y for _, y in rows], 1)
-    at_probe = a + b * math.log(PROBE_SIZE)
-    return float(b / at_probe), f"{1000 * a:.3f} + {1000 * b:.3f}·ln(n) ms"
+    per_doc = np.array([seconds / count for _, count, seconds in batches])
+    size = np.array([start + count / 2 for start, count, _ in batches])
+    t0 = float(np.median(per_doc[:3]))
+    excess, root = per_doc / t0 - 1, np.sqrt(size)
+    return t0, float((root * excess).sum() / (root * root).sum())
 
 
 def report_ramp(r: dict[str, Any]) -> None:
@@ -375,10 +373,15 @@ def report_ramp(r: dict[str, Any]) -> None:
             cells.append(f"{average:.0f} ({average / first:.2f}) | {at:.0f} ({at / first:.2f})")
         lines.append(f"| {mark:,} | " + " | ".join(cells) + " |")
     for threshold, batches in runs.items():
-        k, fit = slowdown_per_efold(batches)
-        lines += ["", f"sync_threshold {threshold:,}: time per document ≈ {fit}; that is {k:.3f} of the time into a "
-                      f"collection of {PROBE_SIZE:,} per e-fold of size (what `reembed plan` assumes: "
-                      f"`CHROMA_SLOWDOWN_PER_EFOLD`)."]
+        t0, c = slowdown_fit(batches)
+        averaged = ", ".join(
+            f"{mark:,}: {sum(b[2] for b in batches if b[0] < mark) / sum(b[1] for b in batches if b[0] < mark) / t0:.2f}"
+            for mark in marks)
+        fitted = ", ".join(f"{1 + 2 / 3 * c * math.sqrt(mark):.2f}" for mark in marks)
+        lines += ["", f"sync_threshold {threshold:,}: time per document ≈ t0·(1 + c·√n) at size n, t0 = "
+                      f"{1000 * t0:.3f} ms (the first three writes), c = {c:.5f} (least squares over every write; "
+                      f"`reembed plan` assumes `CHROMA_SLOWDOWN_PER_SQRT_DOC`). Mean time per document over a "
+                      f"target growing to n, ÷ t0, measured ({averaged}) and by the fit, 1 + ⅔·c·√n ({fitted})."]
     write_section("Chroma's own add rate as a collection grows (bench/bench_ceiling.py --ramp)", "\n".join(lines))
     print("\n".join(lines))
 

@@ -345,6 +345,13 @@ class Store:
     def count(self, name: str) -> int:
         return int(self._on(name, f"counting {name!r}", lambda col: col.count()))
 
+    def documents_held(self) -> int:
+        """Documents in every collection this client sees. A single-node Chroma server keeps them
+        all in one SQLite database, and its size, not one collection's, slows each write
+        (``producer.plan.chroma_growth``)."""
+        with mapped_errors("listing collections"):
+            return sum(int(col.count()) for col in self.client.list_collections())
+
     def get(self, name: str, ids: Sequence[str], embeddings: bool = False, documents: bool = True) -> Page:
         """The documents of ``ids`` that exist, in Chroma's storage order. The cost follows the
         number of ids, not the size of the collection."""

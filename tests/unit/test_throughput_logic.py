@@ -145,15 +145,16 @@ def test_a_failed_write_is_raised_so_the_task_retries_the_batch() -> None:
         embed_and_write(FakeModel(2), "target", ["a", "b", "c"], ["x", "y", "z"], [{}] * 3, write)  # type: ignore[arg-type]
 
 
-def test_the_plan_slows_chroma_writes_with_the_logarithm_of_the_target_size() -> None:
+def test_the_plan_slows_chroma_writes_as_the_server_fills() -> None:
     from producer.plan import chroma_growth
 
-    assert chroma_growth(100) == 1.0 and chroma_growth(2048) == 1.0  # no bigger than the probe
-    sizes = [4_096, 20_000, 100_000, 1_000_000, 10_000_000]
-    factors = [chroma_growth(n) for n in sizes]
-    assert factors == sorted(factors) and factors[0] > 1.0
-    # the closed form equals the mean of 1 + k·ln(n/p) over a target growing from empty to N
-    n_max, p, k = 1_000_000, 2048, 0.19
-    steps = np.arange(1, n_max + 1, 97, dtype=np.float64)
-    mean = float(np.mean(np.where(steps <= p, 1.0, 1.0 + k * np.log(steps / p))))
-    assert abs(chroma_growth(n_max, p, k) - mean) < 1e-3
+    assert chroma_growth(0, 5_000) == 1.0
+    # the same migration is slower on a fuller server, and a larger one slower than a smaller
+    assert 1.0 < chroma_growth(100_000, 0) < chroma_growth(1_000_000, 0)
+    assert chroma_growth(100_000, 1_000_000) < chroma_growth(100_000, 0)  # the probe already met the 1M
+    # the closed form equals the mean of 1 + c·√n while the server grows from held to held + N, over
+    # 1 + c·√held (what the probe measured)
+    for held, n, c in ((0, 1_000_000, 0.00108), (1_000_000, 1_000_000, 0.00108), (5_000, 20_000, 0.002)):
+        grown = np.arange(held, held + n, 3, dtype=np.float64)
+        expected = float(np.mean(1 + c * np.sqrt(grown)) / (1 + c * np.sqrt(held)))
+        assert abs(chroma_growth(n, held, c) - expected) < 1e-3
