@@ -62,6 +62,8 @@ FIELDS: tuple[Field, ...] = (
     Field("EMBED_BATCH_SIZE", "0", "Texts per forward pass; 0 picks by device (cpu 32, cuda 256; static models 1024)."),
     Field("MAX_WAITING_BATCHES", str(DEFAULT_MAX_WAITING_BATCHES),
           "Batches of one migration allowed to wait in Redis (backpressure)."),
+    Field("CHROMA_WRITERS", "1", "Writes in flight at once to one Chroma server, across all workers (a "
+          "single-node server applies them one at a time; BENCHMARKS.md); 0: no limit."),
     Field("VISIBILITY_TIMEOUT_S", str(DEFAULT_VISIBILITY_TIMEOUT_S),
           "Seconds before a batch held by a vanished worker is delivered again."),
     Field("WORKER_WAIT_S", "30", "Seconds a command that needs a worker to answer (adopt's vector check) "
@@ -116,6 +118,7 @@ class Settings:
     batch_size: int
     embed_batch_size: int
     max_waiting_batches: int
+    chroma_writers: int
     visibility_timeout_s: int
     worker_wait_s: int
     preload_model: str
@@ -189,6 +192,7 @@ class Settings:
             batch_size=_int(raw, "BATCH_SIZE", 1, MAX_BATCH_SIZE),
             embed_batch_size=_int(raw, "EMBED_BATCH_SIZE", 0, 4096),
             max_waiting_batches=_int(raw, "MAX_WAITING_BATCHES", 1, 10_000),
+            chroma_writers=_int(raw, "CHROMA_WRITERS", 0, 1000),
             visibility_timeout_s=_int(raw, "VISIBILITY_TIMEOUT_S", 10, 7 * 24 * 3600),
             worker_wait_s=_int(raw, "WORKER_WAIT_S", 1, 3600),
             preload_model=raw["PRELOAD_MODEL"].strip(),
@@ -226,6 +230,7 @@ class Settings:
             PREFIX + "BATCH_SIZE": str(self.batch_size),
             PREFIX + "EMBED_BATCH_SIZE": str(self.embed_batch_size),
             PREFIX + "MAX_WAITING_BATCHES": str(self.max_waiting_batches),
+            PREFIX + "CHROMA_WRITERS": str(self.chroma_writers),
             PREFIX + "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
             PREFIX + "WORKER_WAIT_S": str(self.worker_wait_s),
             PREFIX + "MODELS_FILE": self.models_file_setting,

@@ -11,6 +11,7 @@ from reembed.progress import redis_client
 from reembed.registry import Registry
 from reembed.settings import Settings
 from reembed.store import Store
+from reembed.write_turns import WriteTurns
 
 
 @functools.cache
@@ -31,6 +32,12 @@ def registry() -> Registry:
 @functools.cache
 def redis_conn() -> redis.Redis:
     return redis_client(settings().redis_url)
+
+
+@functools.cache
+def write_turns() -> WriteTurns:
+    """This worker's turns at its Chroma server's writes (``REEMBED_CHROMA_WRITERS``)."""
+    return WriteTurns(redis_conn(), store().url, settings().chroma_writers)
 
 
 def model(name: str) -> LoadedModel:

@@ -39,6 +39,7 @@ from reembed.models import LoadedModel
 from reembed.progress import MAX_DELIVERIES
 from reembed.registry import MigrationRecord, MigrationState, Registry
 from reembed.store import Store
+from reembed.write_turns import WriteTurns
 
 log = structlog.get_logger(__name__)
 
@@ -109,6 +110,7 @@ def reembed_batch(
     client: redis.Redis,
     outbox: Outbox,
     load: Callable[[str], LoadedModel],
+    turns: WriteTurns | None = None,
 ) -> BatchOutcome:
     """Embed one batch with the migration's target model and write it idempotently.
 
@@ -167,6 +169,9 @@ def reembed_batch(
     # The first delivery of a first-pass batch (its message says ``add``): the target has none of
     # these ids, and `add` is several times faster than `upsert`. A redelivery upserts.
     write = store.add if (deliveries == 1 and message.write == "add") else store.upsert
+    waited: list[float] = []
+    if turns is not None:  # one write at a time per Chroma server, across all workers
+        write = turns.wrap(write, waited.append)
     book = time.perf_counter() - started
     try:
         embed: Callable[[list[str]], np.ndarray] = model.embed_documents
@@ -219,7 +224,9 @@ def reembed_batch(
     outcome.failed = failed
     progress.record_failures(failed)
     migration.record_batch(batch_id, written, len(truncated))
-    progress.add_timings({**timings, "bookkeeping": book + time.perf_counter() - tail})
+    # Waiting for a turn at Chroma is counted apart from the write itself.
+    timings["write"] -= sum(waited)
+    progress.add_timings({**timings, "write_turn": sum(waited), "bookkeeping": book + time.perf_counter() - tail})
     return outcome
 
 

@@ -64,7 +64,7 @@ def batch_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
     try:
         outcome = reembed_batch(
             message, first_delivery=self.request.retries == 0, store=context.store(), registry=context.registry(),
-            client=context.redis_conn(), outbox=outbox, load=context.model,
+            client=context.redis_conn(), outbox=outbox, load=context.model, turns=context.write_turns(),
         )
     except PausedError as exc:
         raise self.retry(exc=exc, countdown=PAUSED_RETRY_S, max_retries=None) from None
