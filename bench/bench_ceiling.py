@@ -91,10 +91,12 @@ def ingest(control: ControlPlane, local: LocalStack, alias: str, corpus: Path) -
 
 
 def migrate(local: LocalStack, control: ControlPlane, alias: str, workers: int, batch_size: int,
-            keep: bool = False) -> dict[str, Any]:
-    """``migrate`` A → B to ``complete`` with ``workers`` workers, a hybrid search every 0.2 s."""
+            keep: bool = False, chroma_writers: int | None = None) -> dict[str, Any]:
+    """``migrate`` A → B to ``complete`` with ``workers`` workers, a hybrid search every 0.2 s;
+    ``chroma_writers`` overrides REEMBED_CHROMA_WRITERS in the workers."""
     log = local.settings.data_dir / f"embed-{alias}-{workers}.log"
-    embedders = start_embedders(local.settings, workers, str(STATIC_B), log)
+    settings = local.settings if chroma_writers is None else local.settings.with_(chroma_writers=chroma_writers)
+    embedders = start_embedders(settings, workers, str(STATIC_B), log)
     try:
         control.redis.config_resetstat()
         with SearchLoad(local.settings, alias, "hybrid") as load:
@@ -218,6 +220,8 @@ def run_ratio(docs: int, rounds: int, batch_size: int) -> dict[str, Any]:
                                    "raw_searched": raw_add(store, local.settings, source, size, searched="src")}
             for workers in (2, 1):
                 row[f"reembed_{workers}"] = migrate(local, control, "src", workers, batch_size)
+            # The same 2 workers without turns at Chroma's writes (both may write at once)
+            row["reembed_2_no_turns"] = migrate(local, control, "src", 2, batch_size, chroma_writers=0)
             print("round", round_no, json.dumps(row, default=str), flush=True)
             out["rounds"].append(row)
     return out
@@ -392,6 +396,8 @@ def report_ratio(r: dict[str, Any]) -> None:
     searched = [x for x in r["rounds"] if "raw_searched" in x]
     ratios_searched = [x["reembed_2"]["docs_per_s"] / x["raw_searched"] for x in searched]
     two_one = [x["reembed_2"]["docs_per_s"] / x["reembed_1"]["docs_per_s"] for x in r["rounds"]]
+    free = [x for x in r["rounds"] if "reembed_2_no_turns" in x]
+    turns_gain = [x["reembed_2"]["docs_per_s"] / x["reembed_2_no_turns"]["docs_per_s"] for x in free]
 
     def med(xs: list[float]) -> str:
         return f"{statistics.median(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})"
@@ -404,31 +410,34 @@ def report_ratio(r: dict[str, Any]) -> None:
         f"(provenance fields included) and model-B vectors, computed beforehand, written with plain `add` in "
         f"batches of {r['best_write_size']} (the best of the sizes tried, docs/s: {sizes}), alone (*raw*) and with "
         f"the same search load as the migrations against the same server (*raw, searched*). "
-        f"{len(r['rounds'])} rounds, interleaved (raw, raw searched, 2 workers, 1 worker); ratios per round, "
-        f"median (min–max).",
+        f"{len(r['rounds'])} rounds, interleaved (raw, raw searched, 2 workers, 1 worker, 2 workers without "
+        f"turns at Chroma's writes: `REEMBED_CHROMA_WRITERS=0`); ratios per round, median (min–max).",
         "",
-        "| round | raw add docs/s | raw, searched | reembed 2 workers | reembed 1 worker | 2w ÷ raw | 2w ÷ raw searched "
-        "| 1w ÷ raw | 2w ÷ 1w | searches ok / failed (2w) | search p50 / p95 ms (2w) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | raw add docs/s | raw, searched | reembed 2 workers | reembed 1 worker | 2 workers, no turns "
+        "| 2w ÷ raw | 2w ÷ raw searched | 1w ÷ raw | 2w ÷ 1w | searches ok / failed (2w) | search p50 / p95 ms (2w) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, x in enumerate(r["rounds"]):
         two, one = x["reembed_2"], x["reembed_1"]
         raw_searched = x.get("raw_searched")
-        vs_searched = f"{two['docs_per_s'] / raw_searched:.2f}" if raw_searched else "–"
-        lines.append(f"| {i + 1} | {x['raw']:.0f} | {f'{raw_searched:.0f}' if raw_searched else '–'} | "
-                     f"{two['docs_per_s']:.0f} | {one['docs_per_s']:.0f} | {two['docs_per_s'] / x['raw']:.2f} | "
-                     f"{vs_searched} | "
-                     f"{one['docs_per_s'] / x['raw']:.2f} | "
-                     f"{two['docs_per_s'] / one['docs_per_s']:.2f} | {two['searches']['ok']} / "
-                     f"{two['searches']['failed']} | {two['searches']['p50_ms']:.0f} / {two['searches']['p95_ms']:.0f} |")
+        no_turns = x.get("reembed_2_no_turns")
+        cells = [f"{i + 1}", f"{x['raw']:.0f}", f"{raw_searched:.0f}" if raw_searched else "–",
+                 f"{two['docs_per_s']:.0f}", f"{one['docs_per_s']:.0f}",
+                 f"{no_turns['docs_per_s']:.0f}" if no_turns else "–", f"{two['docs_per_s'] / x['raw']:.2f}",
+                 f"{two['docs_per_s'] / raw_searched:.2f}" if raw_searched else "–",
+                 f"{one['docs_per_s'] / x['raw']:.2f}", f"{two['docs_per_s'] / one['docs_per_s']:.2f}",
+                 f"{two['searches']['ok']} / {two['searches']['failed']}",
+                 f"{two['searches']['p50_ms']:.0f} / {two['searches']['p95_ms']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     first = r["rounds"][0]
     lines += ["", f"**reembed 2 workers ÷ raw add: {med(ratios2)}**; ÷ raw add with search served: "
               f"{med(ratios_searched) if ratios_searched else '–'}; 1 worker ÷ raw: {med(ratios1)}; "
-              f"2 workers ÷ 1 worker: {med(two_one)}. Verification diff, round 1: "
+              f"2 workers ÷ 1 worker: {med(two_one)}; 2 workers with turns ÷ without: "
+              f"{med(turns_gain) if turns_gain else '–'}. Verification diff, round 1: "
               f"{first['reembed_2']['diff_s'] or float('nan'):.2f} s (2 workers). Per batch of {r['batch_size']}, "
               f"round 1, ms (2 workers / 1 worker): " + "; ".join(
                   f"{k} {first['reembed_2']['per_batch_ms'].get(k, 0):.0f} / {first['reembed_1']['per_batch_ms'].get(k, 0):.0f}"
-                  for k in ("fetch", "embed", "write", "write_wait", "bookkeeping")) + "."]
+                  for k in ("fetch", "embed", "write", "write_turn", "write_wait", "bookkeeping")) + "."]
     write_section("At Chroma's ceiling (bench/bench_ceiling.py --ratio)", "\n".join(lines))
     print("\n".join(lines))
 
