@@ -47,5 +47,5 @@ def model(name: str) -> LoadedModel:
 
 def reset() -> None:
     """Drop cached connections (after a Chroma server restart, for example)."""
-    for cached in (store, registry, redis_conn):
+    for cached in (store, registry, redis_conn, write_turns):
         cached.cache_clear()
