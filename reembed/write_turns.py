@@ -25,9 +25,11 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-#: A turn lapses after this long even if never given back (its worker died mid-write); longer
-#: than any one write (12 s for 2,048 documents into a 1M-document server on 2 cores).
-HOLD_S = 120.0
+#: A turn lapses after this long even if never given back (its worker was killed mid-write):
+#: what the other workers wait at most for a dead one. Longer than a write takes (5 s for 2,048
+#: documents into a server holding 2M on 2 cores); a write that outlasts it only lets a second
+#: one in beside it.
+HOLD_S = 30.0
 #: How often a waiting worker asks again, at first and at most.
 POLL_S = (0.002, 0.02)
 
