@@ -83,8 +83,8 @@ def test_metrics_logs_and_watch_during_a_migration(
     # ... and each worker process said which model it runs, with its fingerprint, device and batch
     loaded = [x for x in lines if x["event"] == "model loaded"]
     assert {x["model"] for x in loaded} >= {str(need(M2V_MINILM)), str(need(M2V_MPNET))}
-    assert all(x["fingerprint"].startswith("sha256:") and x["device"] == "cpu" and x["embed_batch_size"] == 32
-               for x in loaded)
+    assert all(x["fingerprint"].startswith("sha256:") and x["device"] == "cpu"
+               and x["embed_batch_size"] == 1024 for x in loaded)  # both static models: calls of 1,024
 
 
 def test_flower_shows_the_tasks_by_their_stable_names(
