@@ -136,6 +136,13 @@ def folder(tmp_path: Path) -> Iterator[Folder]:
                 os.kill(pid, signal.SIGKILL)
 
 
+def _exited(command: subprocess.Popen[str]) -> None:
+    """Fails at once, with what it said, if a command that should still run has ended."""
+    if command.poll() is not None:
+        out, err = command.communicate()
+        pytest.fail(f"{command.args[3:]} exited {command.returncode}: {err[-2000:]} {out[-500:]}")
+
+
 def wait_until(predicate: Any, what: str, within_s: float = 120) -> Any:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
@@ -158,7 +165,7 @@ def test_two_terminals_share_one_stack(folder: Folder, tmp_path: Path) -> None:
     # 600 batches of 2: long enough (seconds) that a `pause` from another terminal finds it running
     # even when each command takes seconds to start on a loaded machine (batches of 4 did not, once).
     migrate = folder.start("migrate", "docs", "--to", mpnet, "--batch-size", "2", "--wait", "--json")
-    migration_id = wait_until(lambda: _latest(folder, "migrate"), "the migration starts")
+    migration_id = wait_until(lambda: _latest(folder, "migrate") or _exited(migrate), "the migration starts")
     wait_until(lambda: folder.ok("status", migration_id)["done"] > 0, "the first batch is written")
     assert folder.ok("pause", migration_id)["state"] == "paused"
     second = folder.run("migrate", "docs", "--to", minilm)
