@@ -303,17 +303,14 @@ def run_ramp(size: int, sync_thresholds: list[int], write: int = 2048) -> dict[s
     settings = Settings.from_env().with_(data_dir=work, redis_url="", chroma_url="")
     corpus = with_metadata(recombined_corpus(work / "corpus.jsonl", size))
     model = load_configured(settings, str(STATIC_B))
-    ids, docs, rows = [], [], []
     with corpus.open(encoding="utf-8") as handle:
-        for line in handle:
-            doc = json.loads(line)
-            ids.append(doc["id"])
-            docs.append(doc["text"])
+        read = [json.loads(line) for line in handle]
+    ids, docs = [d["id"] for d in read], [d["text"] for d in read]
     started = time.perf_counter()
     vectors = model.embed_documents(docs)
     embed_s = time.perf_counter() - started
-    with corpus.open(encoding="utf-8") as handle:
-        rows = [provenance(model, text, json.loads(line)["metadata"]) for text, line in zip(docs, handle, strict=True)]
+    rows = [provenance(model, d["text"], d["metadata"]) for d in read]
+    del read
     runs: dict[int, list[tuple[int, int, float]]] = {}  # threshold: [(documents before, added, seconds)]
     for threshold in sync_thresholds:
         batches = runs[threshold] = []
@@ -378,9 +375,7 @@ def report_ramp(r: dict[str, Any]) -> None:
         lines.append(f"| {mark:,} | " + " | ".join(cells) + " |")
     for threshold, batches in runs.items():
         t0, c = slowdown_fit(batches)
-        averaged = ", ".join(
-            f"{mark:,}: {sum(b[2] for b in batches if b[0] < mark) / sum(b[1] for b in batches if b[0] < mark) / t0:.2f}"
-            for mark in marks)
+        averaged = ", ".join(f"{mark:,}: {1 / (ramp_rate(batches, 0, mark) * t0):.2f}" for mark in marks)
         fitted = ", ".join(f"{1 + 2 / 3 * c * math.sqrt(mark):.2f}" for mark in marks)
         lines += ["", f"sync_threshold {threshold:,}: time per document ≈ t0·(1 + c·√n) at size n, t0 = "
                       f"{1000 * t0:.3f} ms (the first three writes), c = {c:.5f} (least squares over every write; "
