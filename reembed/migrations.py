@@ -120,10 +120,7 @@ def start_migration(settings: Settings, store: Store, registry: Registry, client
             raise InputError(f"alias {alias!r} is already embedded with {spec.name!r}; nothing to migrate")
         if store.count(source) == 0:
             raise InputError(f"collection {source!r} behind alias {alias!r} is empty; nothing to migrate")
-        total, missing = 0, []
-        for page in store.pages(source):
-            total += len(page.ids)
-            missing += [i for i, t in zip(page.ids, page.documents, strict=True) if t is None or not t.strip()]
+        total, missing = store.without_text(source)
         if missing and not skip_missing_text:
             raise MissingTextError(source, len(missing), missing[:SHOWN_IDS])
         record = MigrationRecord(

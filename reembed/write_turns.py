@@ -81,11 +81,3 @@ class WriteTurns:
             if key is not None:
                 with contextlib.suppress(redis.RedisError):  # it lapses by itself after HOLD_S
                     self._give_back(keys=[key], args=[token])
-
-    def wrap(self, write: Callable[..., None], waited: Callable[[float], None]) -> Callable[..., None]:
-        """``write`` run in a turn; ``waited`` is told the seconds spent waiting for it."""
-        def in_turn(*args: object, **kwargs: object) -> None:
-            with self.turn() as seconds:
-                waited(seconds)
-                write(*args, **kwargs)
-        return in_turn

@@ -6,6 +6,7 @@ Settings come from ``REEMBED_*`` variables; logging goes through reembed's struc
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import structlog
@@ -50,10 +51,13 @@ def _limit_threads(**_: Any) -> None:
     import torch
 
     torch.set_num_threads(settings.torch_threads)
-    if settings.preload_model and not control_only:
-        from worker import context
+    from worker import context
 
+    if settings.preload_model and not control_only:
         context.model(settings.preload_model)  # logs "model loaded" with fingerprint, device, batch size
+    # Chroma's client, the registry and Redis take about half a second to open: opened now, beside
+    # the start, not in the first batch's time. A server that is down is the first task's to report.
+    threading.Thread(target=context.warm, name="open-connections", daemon=True).start()
 
 
 @task_prerun.connect

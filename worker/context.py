@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import redis
 
+from reembed.errors import ReembedError
 from reembed.models import LoadedModel, load_configured
 from reembed.progress import redis_client
 from reembed.registry import Registry
@@ -43,6 +45,15 @@ def write_turns() -> WriteTurns:
 def model(name: str) -> LoadedModel:
     """The model, loaded once per process (``load_model`` caches)."""
     return load_configured(settings(), name)
+
+
+def warm() -> None:
+    """Open this process's connections ahead of its first task; failures are left to that task
+    (it reports them and retries)."""
+    with contextlib.suppress(ReembedError, redis.RedisError):
+        registry()
+        write_turns()
+        redis_conn().ping()
 
 
 def reset() -> None:

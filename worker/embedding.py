@@ -9,8 +9,10 @@ every other document proceeds. Connection errors are *not* split: they propagate
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,9 +171,6 @@ def reembed_batch(
     # The first delivery of a first-pass batch (its message says ``add``): the target has none of
     # these ids, and `add` is several times faster than `upsert`. A redelivery upserts.
     write = store.add if (deliveries == 1 and message.write == "add") else store.upsert
-    waited: list[float] = []
-    if turns is not None:  # one write at a time per Chroma server, across all workers
-        write = turns.wrap(write, waited.append)
     book = time.perf_counter() - started
     try:
         embed: Callable[[list[str]], np.ndarray] = model.embed_documents
@@ -180,7 +179,8 @@ def reembed_batch(
             embed, sent = from_source(store, record.source_collection, ids, message.documents, model)
         with model.metered(Budget(progress, record.price_per_million_tokens)):
             written, failed, timings = embed_and_write(model, record.target_collection, ids, message.documents,
-                                                       message.metadatas, write, embed)
+                                                       message.metadatas, write, embed,
+                                                       turns.turn if turns is not None else None)
         if sent is not None and sent():
             log.info("documents embedded through the endpoint: their text changed since the source was read",
                      migration_id=migration_id, batch=batch_id, count=sent(), of=len(ids))
@@ -224,9 +224,7 @@ def reembed_batch(
     outcome.failed = failed
     progress.record_failures(failed)
     migration.record_batch(batch_id, written, len(truncated))
-    # Waiting for a turn at Chroma is counted apart from the write itself.
-    timings["write"] -= sum(waited)
-    progress.add_timings({**timings, "write_turn": sum(waited), "bookkeeping": book + time.perf_counter() - tail})
+    progress.add_timings({**timings, "bookkeeping": book + time.perf_counter() - tail})
     return outcome
 
 
@@ -251,10 +249,13 @@ MIN_WRITE = 512
 #: single-writer rate in BENCHMARKS.md: about 800 documents/s in writes of 512).
 _write_s_per_doc = 1 / 800
 
+Row = tuple[str, np.ndarray, str, dict[str, Any]]  # id, vector, text, metadata: embedded, not yet written
+
 
 def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documents: list[str],
                     metadatas: list[dict[str, Any]], write: Callable[..., None],
                     embed: Callable[[list[str]], np.ndarray] | None = None,
+                    turn: Callable[[], AbstractContextManager[float]] | None = None,
                     ) -> tuple[int, dict[str, str], dict[str, float]]:
     """Embed a batch chunk by chunk and write it in as few writes as keep both the model and
     Chroma busy.
@@ -269,26 +270,41 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
     in flight, so memory stays one batch deep. ``embed`` replaces ``model.embed_documents`` (the
     Matryoshka shortcut's cut of stored vectors).
 
+    ``turn`` is this worker's turn at its Chroma server (``reembed.write_turns``): a write waits
+    for it in the writer thread while the model goes on embedding, and then takes everything
+    embedded by then. So the writes a busy server takes one at a time grow to a whole batch
+    instead of queueing as chunks, each paying the fixed cost and a wait for the turn.
+
     Returns:
-        (documents written, {id: reason} of failures, seconds spent embedding / writing / waiting).
+        (documents written, {id: reason} of failures, seconds spent embedding / writing / waiting
+        for the writer at the end / waiting for turns).
     """
     chunk = max(model.batch_size, 1)
     written = 0
     failed: dict[str, str] = {}
-    timings = {"embed": 0.0, "write": 0.0, "write_wait": 0.0}
-    ready: list[tuple[str, np.ndarray, str, dict[str, Any]]] = []  # embedded, not yet written
+    timings = {"embed": 0.0, "write": 0.0, "write_wait": 0.0, "write_turn": 0.0}
+    ready: list[Row] = []
+    lock = threading.Lock()  # ``ready`` is filled here and emptied by the writer thread
 
-    def timed_write(rows: list[tuple[str, np.ndarray, str, dict[str, Any]]]) -> None:
+    def timed_write() -> int:
         global _write_s_per_doc
-        start = time.perf_counter()
-        write(collection, ids=[r[0] for r in rows], embeddings=np.stack([r[1] for r in rows]),
-              documents=[r[2] for r in rows], metadatas=[r[3] for r in rows])
-        seconds = time.perf_counter() - start
+        with turn() if turn is not None else contextlib.nullcontext(0.0) as waited:
+            timings["write_turn"] += waited
+            with lock:
+                rows = ready[:]
+                ready.clear()
+            if not rows:
+                return 0
+            start = time.perf_counter()
+            write(collection, ids=[r[0] for r in rows], embeddings=np.stack([r[1] for r in rows]),
+                  documents=[r[2] for r in rows], metadatas=[r[3] for r in rows])
+            seconds = time.perf_counter() - start
         timings["write"] += seconds
         _write_s_per_doc = 0.7 * _write_s_per_doc + 0.3 * seconds / len(rows)
+        return len(rows)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chroma-write") as writer:
-        pending: Future[None] | None = None
+        pending: Future[int] | None = None
         for begin in range(0, len(ids), chunk):
             part_ids, part_docs = ids[begin:begin + chunk], documents[begin:begin + chunk]
             start = time.perf_counter()
@@ -296,22 +312,25 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
             timings["embed"] += time.perf_counter() - start
             failed.update(part_failed)
             if vectors is not None:
-                ready += [(part_ids[i], vectors[n], part_docs[i], provenance(model, part_docs[i], metadatas[begin + i]))
-                          for n, i in enumerate(ok)]
+                rows = [(part_ids[i], vectors[n], part_docs[i], provenance(model, part_docs[i], metadatas[begin + i]))
+                        for n, i in enumerate(ok)]
+                with lock:
+                    ready.extend(rows)
+                    waiting = len(ready)
+            else:
+                waiting = len(ready)
             embedded = begin + len(part_ids)
             rest = len(ids) - embedded
-            if ready and rest and (pending is None or pending.done()):
+            if waiting and rest and (pending is None or pending.done()):
                 hidden_for = rest * timings["embed"] / embedded  # the model's time for the rest of the batch
-                if len(ready) >= MIN_WRITE or hidden_for >= len(ready) * _write_s_per_doc:
+                if waiting >= MIN_WRITE or hidden_for >= waiting * _write_s_per_doc:
                     if pending is not None:
-                        pending.result()  # finished: raises the write's error (RetryableError: the task retries)
-                    pending = writer.submit(timed_write, ready)
-                    written, ready = written + len(ready), []
+                        written += pending.result()  # finished: raises the write's error (the task retries)
+                    pending = writer.submit(timed_write)
         start = time.perf_counter()
         if pending is not None:
-            pending.result()
+            written += pending.result()
         if ready:
-            timed_write(ready)
-            written += len(ready)
+            written += timed_write()
         timings["write_wait"] += time.perf_counter() - start
     return written, failed, timings

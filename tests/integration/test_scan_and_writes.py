@@ -37,6 +37,32 @@ def test_pages_list_ids_in_chunks_and_read_each_document_once(chroma: ChromaServ
         [i for p in store.pages("col", page_size=50) for i in p.ids]
 
 
+@pytest.mark.parametrize("regex", [store_module.HAS_TEXT, "("])  # "(": a regex the server refuses
+def test_documents_without_text_are_found_as_python_strips_them(chroma: ChromaServer, regex: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chroma picks out the documents with text by a regex; a migration then refuses (or skips) the
+    # rest. Every character Python counts as white space must count as no text, none other may.
+    store = Store(chroma.url)
+    store.create("col", {"test": "text"})
+    col = store.collection("col")
+    blank = {f"ws-{ord(c):04x}": c * 2 for c in map(chr, range(0x3001)) if c.isspace()}
+    texts = {"empty": "", **blank, "a": "a", "padded": " \t b \u3000", "zero-width": "\u200b", "sep": "\x1c x"}
+    rng = np.random.default_rng(0)
+    col.add(ids=list(texts), documents=list(texts.values()),
+            embeddings=rng.standard_normal((len(texts), 4)).astype(np.float32))
+    col.add(ids=["none-1", "none-2"], embeddings=rng.standard_normal((2, 4)).astype(np.float32))  # stored without text
+    monkeypatch.setattr(store_module, "HAS_TEXT", regex)
+    monkeypatch.setattr(store_module, "ID_CHUNK", 7)
+    read: list[int] = []
+    get = store.get
+    monkeypatch.setattr(store, "get", lambda name, ids, **kw: read.append(len(ids)) or get(name, ids, **kw))
+    total, missing = store.without_text("col")
+    assert total == len(texts) + 2 and len(blank) == 29
+    # with the regex only the documents without text are read; without it, every one
+    assert read == ([total] if regex == "(" else [len(missing)])
+    assert sorted(missing) == sorted(["empty", *blank, "none-1", "none-2"])
+
+
 def test_a_scan_window_spans_positions_even_when_documents_were_deleted_since_listing(
         chroma: ChromaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # Positions after a deletion shift, in a listing as in a plain get(offset=…): what a shift

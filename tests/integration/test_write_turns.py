@@ -44,8 +44,13 @@ def test_no_more_writes_at_once_than_the_server_has_turns(redis_url: str, slots:
 
     waits: list[float] = []
     workers = [WriteTurns(client(redis_url), SERVER, slots) for _ in range(4)]  # one per worker process
-    threads = [threading.Thread(target=lambda t=t: [t.wrap(write, waits.append)(i) for i in range(15)])
-               for t in workers]
+    def writes(turns: WriteTurns) -> None:
+        for i in range(15):
+            with turns.turn() as waited:
+                waits.append(waited)
+                write(i)
+
+    threads = [threading.Thread(target=writes, args=(t,)) for t in workers]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -72,7 +77,8 @@ def test_another_server_is_not_held_up_and_a_dead_holders_turn_lapses(redis_url:
 def test_a_write_goes_ahead_without_a_turn_when_redis_cannot_be_asked() -> None:
     unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     written: list[str] = []
-    WriteTurns(unreachable, SERVER, 1).wrap(written.append, lambda s: None)("batch")
+    with WriteTurns(unreachable, SERVER, 1).turn():
+        written.append("batch")
     assert written == ["batch"]
 
 

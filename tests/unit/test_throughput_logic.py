@@ -6,8 +6,10 @@ in BENCHMARKS.md, measured by bench/gpu_run.sh on a lent GPU.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 from reembed.documents import Document
 from reembed.errors import ConfigError, StoreUnavailableError
 from reembed.models import embed_batch_size, pick_device, use_half_precision
-from reembed.pipeline import length_sorted_batches, scan_window
+from reembed.pipeline import length_sorted_batches, scan_window, window_batches
 from reembed.runtimes import check_backend, parse_backend
 from reembed.settings import Settings
 from worker import embedding
@@ -58,6 +60,16 @@ def test_a_scan_window_is_sent_longest_batch_first_under_stable_names() -> None:
     assert sorted(d.id for _, batch in window for d in batch) == sorted(d.id for d in docs)
     assert scan_window(640, list(reversed(docs)), 6) == window  # re-sent after a crash: same names, same batches
     assert scan_window(0, [], 6) == [("s-0-0", [])]  # a page whose documents were all skipped still counts
+
+
+def test_scan_windows_start_with_one_batch_and_double_up_to_the_most() -> None:
+    cursor, sizes = 0, []
+    while cursor < 40 * 100:
+        sizes.append(window_batches(cursor, 100, 8))
+        cursor += sizes[-1] * 100
+    assert sizes == [1, 2, 4, 8, 8, 8, 8, 8]
+    assert window_batches(0, 100, 1) == 1 and window_batches(10_000, 100, 3) == 3  # never more than the most
+    assert [window_batches(c, 100, 8) for c in (99, 100, 199, 200, 700)] == [1, 2, 2, 4, 8]  # from the cursor alone
 
 
 def test_length_sorted_batches_are_deterministic_and_complete() -> None:
@@ -135,6 +147,37 @@ def test_writes_start_early_only_when_embedding_the_rest_hides_them(
     ids = [f"d{i}" for i in range(12)]
     done, _, _ = embed_and_write(FakeModel(4, delay_s), "target", ids, ids, [{}] * 12, write)  # type: ignore[arg-type]
     assert done == 12 and sizes == expected
+
+
+def test_a_write_that_waits_for_its_turn_takes_everything_embedded_meanwhile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another worker holds the server's turn until this one has embedded its whole batch (plus a
+    # wide margin): the write that was due after the first chunk then carries all three chunks.
+    monkeypatch.setattr(embedding, "_write_s_per_doc", 0.002)  # a slow model: the first chunk goes early
+    model = FakeModel(4, delay_s=0.05)
+    embedded = threading.Semaphore(0)
+    sizes: list[int] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        vectors = FakeModel.embed_documents(model, texts)
+        embedded.release()
+        return vectors
+
+    @contextlib.contextmanager
+    def turn() -> Iterator[float]:
+        started = time.perf_counter()
+        for _ in range(3):
+            assert embedded.acquire(timeout=5)
+        time.sleep(0.5)
+        yield time.perf_counter() - started
+
+    def write(collection: str, ids: list[str], **_: Any) -> None:
+        sizes.append(len(ids))
+
+    ids = [f"d{i}" for i in range(12)]
+    done, _, timings = embed_and_write(model, "target", ids, ids, [{}] * 12, write, embed, turn)  # type: ignore[arg-type]
+    assert done == 12 and sizes == [12]
+    assert timings["write_turn"] >= 0.5
 
 
 def test_a_failed_write_is_raised_so_the_task_retries_the_batch() -> None:
