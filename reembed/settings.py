@@ -59,7 +59,7 @@ FIELDS: tuple[Field, ...] = (
     Field("BACKEND", "torch", "Runtime of a model's transformer: torch, or openvino (CPU only, "
           "`pip install 'reembed[openvino]'`; same vectors within 2e-7, faster on a CPU: see BENCHMARKS.md)."),
     Field("BATCH_SIZE", str(DEFAULT_BATCH_SIZE), f"Documents per batch (1..{MAX_BATCH_SIZE})."),
-    Field("EMBED_BATCH_SIZE", "0", "Texts per forward pass; 0 picks by device (cpu 32, cuda 256; static models 1024)."),
+    Field("EMBED_BATCH_SIZE", "0", "Texts per forward pass; 0 picks by device (cpu 16, cuda 256; static models 1024)."),
     Field("MAX_WAITING_BATCHES", str(DEFAULT_MAX_WAITING_BATCHES),
           "Batches of one migration allowed to wait in Redis (backpressure)."),
     Field("CHROMA_WRITERS", "1", "Writes in flight at once to one Chroma server, across all workers (a "

@@ -26,7 +26,7 @@ from worker.embedding import embed_and_write
 
 
 @pytest.mark.parametrize(("device", "setting", "expected"), [
-    ("cpu", 0, 32), ("cuda", 0, 256), ("cuda:1", 0, 256), ("mps", 0, 64), ("cuda", 100, 100), ("cpu", 8, 8),
+    ("cpu", 0, 16), ("cuda", 0, 256), ("cuda:1", 0, 256), ("mps", 0, 64), ("cuda", 100, 100), ("cpu", 8, 8),
 ])
 def test_forward_batch_is_chosen_per_device(device: str, setting: int, expected: int) -> None:
     assert embed_batch_size(device, setting) == expected
