@@ -132,17 +132,21 @@ def scan_window(cursor: int, docs: list[Document], batch_size: int) -> list[tupl
 
 
 def window_batches(cursor: int, batch_size: int, most: int) -> int:
-    """How many batches the scan window at ``cursor`` holds: one at the start, doubling to ``most``.
+    """How many batches the scan window at ``cursor`` holds: one at the start, doubling up to
+    ``most``, the first windows together exactly ``most`` (so the queue fills to its bound).
 
     The first batch then reaches a worker after one batch is read, not ``most`` (1.5 s for 16,384
     documents, the whole start of a small migration); later windows are long enough to sort by
     length. The same cursor always gets the same window, so a window re-sent after a crash holds
     the same batches under the same names.
     """
-    batches = 1
-    while batches < most and batches * batch_size <= cursor:
-        batches *= 2
-    return min(batches, most)
+    sent = cursor // batch_size  # batches before this window: every window but the last is whole
+    if sent >= most:
+        return most
+    doubled = 1
+    while doubled <= sent:
+        doubled *= 2
+    return min(doubled, most - sent)
 
 
 def file_batches(file: Path, batch_size: int, skipped: set[str]) -> Iterable[tuple[str, list[Document]]]:

@@ -67,9 +67,14 @@ def test_scan_windows_start_with_one_batch_and_double_up_to_the_most() -> None:
     while cursor < 40 * 100:
         sizes.append(window_batches(cursor, 100, 8))
         cursor += sizes[-1] * 100
-    assert sizes == [1, 2, 4, 8, 8, 8, 8, 8]
+    assert sizes == [1, 2, 4, 1, 8, 8, 8, 8]
     assert window_batches(0, 100, 1) == 1 and window_batches(10_000, 100, 3) == 3  # never more than the most
-    assert [window_batches(c, 100, 8) for c in (99, 100, 199, 200, 700)] == [1, 2, 2, 4, 8]  # from the cursor alone
+    assert [window_batches(c, 100, 8) for c in (99, 100, 199, 200, 700)] == [1, 2, 2, 4, 1]  # from the cursor alone
+    for most in range(1, 20):  # the first windows add up to the bound exactly: the queue fills to it
+        sent = 0
+        while sent < most:
+            sent += window_batches(sent * 100, 100, most)
+        assert sent == most
 
 
 def test_length_sorted_batches_are_deterministic_and_complete() -> None:
