@@ -316,9 +316,7 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
                         for n, i in enumerate(ok)]
                 with lock:
                     ready.extend(rows)
-                    waiting = len(ready)
-            else:
-                waiting = len(ready)
+            waiting = len(ready)  # exact when used: a write is only sent while none is in flight
             embedded = begin + len(part_ids)
             rest = len(ids) - embedded
             if waiting and rest and (pending is None or pending.done()):
