@@ -341,7 +341,7 @@ class LoadedModel:
         """Tokens per text with this model's tokenizer (before truncation)."""
         tokenizer = self._model.tokenizer
         if callable(tokenizer):  # a transformers tokenizer
-            return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
         return [len(e.ids) for e in tokenizer.encode_batch(texts)]  # a bare `tokenizers` one (static models)
 
     @property

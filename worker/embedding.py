@@ -249,6 +249,23 @@ MIN_WRITE = 512
 #: single-writer rate in BENCHMARKS.md: about 800 documents/s in writes of 512).
 _write_s_per_doc = 1 / 800
 
+def last_hidden_chance(rest: int, waiting: int, next_chunk: int, embed_s_per_doc: float,
+                       write_s_per_doc: float) -> bool:
+    """Whether to write the ``waiting`` rows now so that embedding the ``rest`` of the batch hides
+    the write, because after the next chunk it no longer would.
+
+    Each write has a fixed cost (HTTP, a SQLite transaction, the HNSW log), paid in Chroma's CPU,
+    which on a shared machine is the model's: on the 2-core machine of BENCHMARKS.md, 384-d, a
+    write of 16 SciFact documents took 36 ms and one of 64 took 77 (medians of 10).
+    Writing every chunk as soon as it is hidden made four writes of a 64-document batch of a
+    transformer on a CPU; writing at the last moment that is still hidden makes two (everything
+    but the last chunk, hidden behind it, then the last chunk), and leaves the same part unhidden.
+    """
+    hidden_now = rest * embed_s_per_doc >= waiting * write_s_per_doc
+    hidden_next = (rest - next_chunk) * embed_s_per_doc >= (waiting + next_chunk) * write_s_per_doc
+    return hidden_now and (rest <= next_chunk or not hidden_next)
+
+
 Row = tuple[str, np.ndarray, str, dict[str, Any]]  # id, vector, text, metadata: embedded, not yet written
 
 
@@ -265,8 +282,10 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
     for runs, and Chroma idles while the model embeds. So whenever Chroma is free, what is
     embedded so far is written if it is a large write (``MIN_WRITE``: the server works while
     the model embeds the rest), or if the rest of the batch will keep the model busy for at
-    least as long as that write takes (a transformer on a CPU: the write is hidden). Otherwise
-    (a fast model, a small batch) it waits to be part of a larger write. At most one write is
+    least as long as that write takes and would not after the next chunk (a transformer on a
+    CPU: the write is hidden, and made as late and as large as still hides it; see
+    ``last_hidden_chance``). Otherwise (a fast model, a small batch) it waits to be part of a
+    larger write. At most one write is
     in flight, so memory stays one batch deep. ``embed`` replaces ``model.embed_documents`` (the
     Matryoshka shortcut's cut of stored vectors).
 
@@ -320,8 +339,8 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
             embedded = begin + len(part_ids)
             rest = len(ids) - embedded
             if waiting and rest and (pending is None or pending.done()):
-                hidden_for = rest * timings["embed"] / embedded  # the model's time for the rest of the batch
-                if waiting >= MIN_WRITE or hidden_for >= waiting * _write_s_per_doc:
+                if waiting >= MIN_WRITE or last_hidden_chance(rest, waiting, min(chunk, rest),
+                                                              timings["embed"] / embedded, _write_s_per_doc):
                     if pending is not None:
                         written += pending.result()  # finished: raises the write's error (the task retries)
                     pending = writer.submit(timed_write)

@@ -22,7 +22,7 @@ from reembed.pipeline import length_sorted_batches, scan_window, window_batches
 from reembed.runtimes import check_backend, parse_backend
 from reembed.settings import Settings
 from worker import embedding
-from worker.embedding import embed_and_write
+from worker.embedding import embed_and_write, last_hidden_chance
 
 
 @pytest.mark.parametrize(("device", "setting", "expected"), [
@@ -136,13 +136,14 @@ def test_writes_overlap_the_next_embedding_and_keep_every_document(monkeypatch: 
     assert timings["write"] > 0 and timings["embed"] > 0
 
 
-@pytest.mark.parametrize(("delay_s", "write_s_per_doc", "expected"), [(0.0, 0.5, [12]), (0.05, 0.002, [4, 4, 4])])
+@pytest.mark.parametrize(("delay_s", "write_s_per_doc", "expected"), [(0.0, 0.5, [12]), (0.05, 0.002, [8, 4])])
 def test_writes_start_early_only_when_embedding_the_rest_hides_them(
         monkeypatch: pytest.MonkeyPatch, delay_s: float, write_s_per_doc: float, expected: list[int]) -> None:
     # Chroma's write has a fixed cost: a fast model (static, GPU) sends its batch whole; a slow
-    # one writes each chunk while it embeds the next. The margins are wide on purpose: the fast
-    # case flips only if embedding 4 texts stalls for a second, the slow one only if a 50 ms
-    # sleep returns early or an instant write is still running 50 ms later.
+    # one writes what it has embedded while it embeds the last chunk, then the last chunk. The
+    # margins are wide on purpose: the fast case flips only if embedding 4 texts stalls for a
+    # second, the slow one only if a 50 ms sleep returns early or an instant write is still
+    # running 50 ms later.
     monkeypatch.setattr(embedding, "_write_s_per_doc", write_s_per_doc)
     sizes: list[int] = []
 
@@ -183,6 +184,17 @@ def test_a_write_that_waits_for_its_turn_takes_everything_embedded_meanwhile(
     done, _, timings = embed_and_write(model, "target", ids, ids, [{}] * 12, write, embed, turn)  # type: ignore[arg-type]
     assert done == 12 and sizes == [12]
     assert timings["write_turn"] >= 0.5
+
+
+def test_a_write_goes_at_the_last_chunk_that_still_hides_it() -> None:
+    # 64 documents in chunks of 16, embedding 50 ms per document, writes 2 ms per document: the
+    # first 48 go while the last 16 embed (hidden), not 16 at a time (four fixed costs).
+    chances = [last_hidden_chance(64 - done, done, 16, 0.05, 0.002) for done in (16, 32, 48)]
+    assert chances == [False, False, True]
+    # A write the rest cannot hide waits for the end of the batch (one write).
+    assert not any(last_hidden_chance(64 - done, done, 16, 0.001, 0.01) for done in (16, 32, 48))
+    # Slower writes go earlier: at 100 ms per document the first 16 are hidden only now.
+    assert last_hidden_chance(48, 16, 16, 0.05, 0.1)
 
 
 def test_a_failed_write_is_raised_so_the_task_retries_the_batch() -> None:
