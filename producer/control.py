@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 import structlog
 
 from producer.adopt import adopt
@@ -29,7 +30,8 @@ from reembed.errors import (
     ReembedError,
     WaitTimeoutError,
 )
-from reembed.events import check_webhook_url, safe_url
+from reembed.events import check_webhook_url, last_id, safe_url
+from reembed.events import read as read_events
 from reembed.lifecycle import FINAL_STATES, Migration, unfinished
 from reembed.matryoshka import sized_name
 from reembed.messages import Outbox
@@ -192,6 +194,7 @@ class ControlPlane:
         deadline = None if timeout is None else time.monotonic() + timeout
         next_resend = time.monotonic() + RESEND_EVERY_S
         next_check = time.monotonic() + STALL_CHECK_S
+        after = self._last_event()
         while True:
             if stalled is not None and time.monotonic() >= next_check:
                 reason = stalled()
@@ -217,7 +220,26 @@ class ControlPlane:
             if deadline is not None and time.monotonic() > deadline:
                 raise WaitTimeoutError(f"migration {migration_id} is still {record.state.value} after {timeout:.0f} s; "
                                        f"follow it with `reembed status {migration_id} --watch`")
-            time.sleep(POLL_S * 2)
+            after = self._await_event(after, POLL_S * 2)
+
+    def _last_event(self) -> str | None:
+        try:
+            return last_id(self.redis)
+        except redis.RedisError:
+            return None
+
+    def _await_event(self, after: str | None, seconds: float) -> str | None:
+        """Sleep ``seconds``, or less: until the next migration event (any migration's: the caller
+        reads its record again either way). The state a worker writes is then seen at once, not
+        up to a poll later. Returns where to read from next (None: Redis did not answer, sleep)."""
+        if after is not None:
+            try:
+                found = read_events(self.redis, after, count=100, block_ms=max(1, int(seconds * 1000)))
+                return found[-1].id if found else after
+            except (redis.RedisError, KeyError, ValueError):  # Redis away, or an entry not ours
+                pass
+        time.sleep(seconds)
+        return self._last_event() if after is None else None
 
     def _resend_lost_file_batches(self, record: MigrationRecord) -> None:
         """An ingest has no pump: while someone waits for it, its file's lost batches are re-sent here."""

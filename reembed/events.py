@@ -87,6 +87,13 @@ def read(client: redis.Redis, after: str = "0-0", count: int = 100, block_ms: in
     return [parse_entry(entry_id, fields) for _, entries in (found or []) for entry_id, fields in entries]
 
 
+def last_id(client: redis.Redis) -> str:
+    """The id of the newest event ("0-0" when there is none): where a reader that wants only what
+    comes next starts."""
+    newest: Any = client.xrevrange(STREAM, count=1)
+    return _text(newest[0][0]) if newest else "0-0"
+
+
 def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Event:
     """One stream entry as an ``Event``."""
     raw = {_text(k): _text(v) for k, v in fields.items()}

@@ -137,3 +137,29 @@ def _groups(client: redis.Redis) -> list[dict[str, Any]]:
 def _stream_order(entry_id: str) -> tuple[int, int]:
     millis, sequence = entry_id.split("-")
     return int(millis), int(sequence)
+
+
+def test_a_waiting_control_plane_wakes_on_the_next_event_and_sleeps_when_redis_is_away(
+        control: ControlPlane) -> None:
+    # `wait` sleeps between looks at the record until the next migration event, so the state a
+    # worker writes is seen at once. The event path is the one that returns the event's id; the
+    # fallback (Redis not answering) sleeps and returns None, and never raises.
+    after = control._last_event()
+    assert after is not None
+    published: list[str] = []
+
+    def publish() -> None:
+        time.sleep(0.1)
+        published.append(str(control.redis.xadd(STREAM, {
+            "event": "complete", "migration_id": "m-wake", "alias": "a", "kind": "migration", "state": "complete",
+            "previous": "verifying", "at": repr(time.time()), "error": ""})))
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    woke_at = control._await_event(after, 60.0)
+    thread.join()
+    assert woke_at == published[0]
+    assert control._await_event(woke_at, 0.05) == woke_at  # nothing new: the same place
+    control.redis = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    assert control._await_event(woke_at, 0.05) is None
+    assert control._last_event() is None
