@@ -312,7 +312,7 @@ def main() -> None:
         local.control = Workers(local.settings, 1, queues=QUEUE_CONTROL).start(work / "control.log")
         ingest_source(control, local, "src", corpus, str(STATIC_A))
         for name in args.models.split(","):
-            row: dict[str, Any] = {"limit": {}, "limit_rounds": {}, "naive": [], "reembed": {}}
+            row: dict[str, Any] = {"limit": {}, "limit_rounds": {}, "limit_after": {}, "naive": [], "reembed": {}}
             for backend in backends:
                 row["limit"][backend] = encode_limit(name, texts, device, backend)
                 row["limit_rounds"][backend] = [row["limit"][backend]]
@@ -330,6 +330,11 @@ def main() -> None:
                         run = run_reembed(local, control, "src", name, count, batch_size, "hybrid", backend)
                         row["reembed"].setdefault(f"{backend}_{count}", []).append(run)
                         print(name, "round", round_no, backend, count, "workers", run, flush=True)
+                    # ... and right after the run: the round's limit is the mean of the two around it,
+                    # so a shared machine drifting between them moves both sides of the ratio alike.
+                    after = encode_limit(name, texts, device, backend, row["limit"][backend]["batch_size"])
+                    row["limit_after"].setdefault(backend, []).append(after)
+                    print(name, "round", round_no, backend, "limit after", after, flush=True)
             results["models"][name] = row
         for size in (int(s) for s in args.scale.split(",") if s):
             alias = f"scale{size}"
@@ -343,6 +348,14 @@ def main() -> None:
 
 def _name(model: str) -> str:
     return Path(model).name if "/" in model else model
+
+
+def round_limits(row: dict[str, Any], backend: str) -> list[float]:
+    """Each round's limit: the mean of the one measured before its run and the one right after
+    (the one before alone where an older result has no second)."""
+    before = [x["docs_per_s"] for x in row.get("limit_rounds", {}).get(backend, [row["limit"][backend]])]
+    after = [x["docs_per_s"] for x in row.get("limit_after", {}).get(backend, [])]
+    return [(b + after[i]) / 2 if i < len(after) else b for i, b in enumerate(before)]
 
 
 def _median(values: list[float]) -> float:
@@ -362,7 +375,8 @@ def report(results: dict[str, Any], section: str) -> None:
         "`SentenceTransformerEmbeddingFunction` (torch) + `add`, search down meanwhile. "
         f"Naive and reembed with {top} workers ran {rounds} time(s), interleaved; their figures are medians, "
         f"and *{top}w ÷ naive* is the median of the per-round ratios (min–max); so is *{top}w ÷ limit*, the limit "
-        f"measured again in each round at the batch size found in round 1. 1 worker: round 1. "
+        f"measured in each round right before and right after the {top}-worker run (at the batch size found in "
+        "round 1) and the mean of the two taken. 1 worker: round 1. "
         f"*searches*: the 1-worker run, then each {top}-worker round.",
         "",
         f"| model | runtime | limit docs/s | naive docs/s | reembed 1 worker | reembed {top} workers | 1w ÷ limit "
@@ -378,7 +392,7 @@ def report(results: dict[str, Any], section: str) -> None:
             rt = _median([r["docs_per_s"] for r in tops])
             ratios = [r["docs_per_s"] / n for r, n in zip(tops, naive_rates, strict=False)]
             spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
-            limits = [x["docs_per_s"] for x in row.get("limit_rounds", {}).get(backend, [limit])]
+            limits = round_limits(row, backend)
             of_limit = [r["docs_per_s"] / x for r, x in zip(tops, limits, strict=False)]
             lim_spread = f" ({min(of_limit):.2f}–{max(of_limit):.2f})" if len(of_limit) > 1 else ""
             searches = " · ".join(f"{r['searches']['ok']} / {r['searches']['failed']}" for r in ones[:1] + tops)
@@ -387,18 +401,20 @@ def report(results: dict[str, Any], section: str) -> None:
                          f"{_median(ratios):.2f}{spread} | {rt / r1:.2f} | {searches} |")
     if rounds > 1:
         lines += ["", "Each round (docs/s):", "",
-                  "| model | round | naive | " + " | ".join(f"limit {b} | reembed {top}w {b}" for b in results["backends"])
+                  "| model | round | naive | " + " | ".join(f"limit {b} before / after | reembed {top}w {b}" for b in results["backends"])
                   + " |", "|---|---|---|" + "---|---|" * len(results["backends"])]
         for model, row in results["models"].items():
             for i, nai in enumerate(row["naive"]):
                 cells = []
                 for b in results["backends"]:
-                    runs, limits = row["reembed"].get(f"{b}_{top}", []), row.get("limit_rounds", {}).get(b, [])
+                    runs, limits = row["reembed"].get(f"{b}_{top}", []), round_limits(row, b)
                     if i >= len(runs):
                         continue
                     rate = runs[i]["docs_per_s"]
-                    lim_cell = f"{limits[i]['docs_per_s']:.1f}" if i < len(limits) else "–"
-                    of_lim = f", {rate / limits[i]['docs_per_s']:.2f}× limit" if i < len(limits) else ""
+                    around = [x["docs_per_s"] for x in (row.get("limit_rounds", {}).get(b, [])[i:i + 1]
+                                                        + row.get("limit_after", {}).get(b, [])[i:i + 1])]
+                    lim_cell = " / ".join(f"{x:.1f}" for x in around) if i < len(limits) else "–"
+                    of_lim = f", {rate / limits[i]:.2f}× limit" if i < len(limits) else ""
                     cells.append(f"{lim_cell} | {rate:.1f} ({rate / nai['docs_per_s']:.2f}× naive{of_lim})")
                 lines.append(f"| {_name(model)} | {i + 1} | {nai['docs_per_s']:.1f} | " + " | ".join(cells) + " |")
     lines += ["", "Where the time goes, round 1 (ms per batch, summed over the batch's chunks; writes overlap the next "
