@@ -249,6 +249,7 @@ MIN_WRITE = 512
 #: single-writer rate in BENCHMARKS.md: about 800 documents/s in writes of 512).
 _write_s_per_doc = 1 / 800
 
+
 def last_hidden_chance(rest: int, waiting: int, next_chunk: int, embed_s_per_doc: float,
                        write_s_per_doc: float) -> bool:
     """Whether to write the ``waiting`` rows now so that embedding the ``rest`` of the batch hides
@@ -285,9 +286,8 @@ def embed_and_write(model: LoadedModel, collection: str, ids: list[str], documen
     least as long as that write takes and would not after the next chunk (a transformer on a
     CPU: the write is hidden, and made as late and as large as still hides it; see
     ``last_hidden_chance``). Otherwise (a fast model, a small batch) it waits to be part of a
-    larger write. At most one write is
-    in flight, so memory stays one batch deep. ``embed`` replaces ``model.embed_documents`` (the
-    Matryoshka shortcut's cut of stored vectors).
+    larger write. At most one write is in flight, so memory stays one batch deep. ``embed``
+    replaces ``model.embed_documents`` (the Matryoshka shortcut's cut of stored vectors).
 
     ``turn`` is this worker's turn at its Chroma server (``reembed.write_turns``): a write waits
     for it in the writer thread while the model goes on embedding, and then takes everything
