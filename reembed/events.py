@@ -6,6 +6,10 @@ lets several delivery processes share the work. The migration's owner
 events of one migration are in the order its states were, and a state that was refused (the
 state machine) publishes nothing. Trimmed to about ``MAX_EVENTS``.
 
+Read by the webhook deliverer (``producer.webhooks``) and, as a wake-up only, by
+``ControlPlane.wait``: it reads the migration's record again on any event, so a lost event costs
+it one poll, never a state.
+
 Event names: ``started``, ``resumed``, ``verifying``, ``paused``, ``budget_reached`` (a pause
 because the next request would pass ``--max-cost``), ``complete``, ``live``, ``rolled_back``,
 ``failed``, ``cancelled``.
