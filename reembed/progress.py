@@ -30,6 +30,8 @@ TRUNCATED_SAMPLE = 100
 #: Lifetime of an alias lock: long enough for a producer's set-up, short enough to free a
 #: lock whose holder was killed.
 ALIAS_LOCK_TTL_S = 120
+#: How long a producer waits for another holder of an alias's lock before it is refused.
+PRODUCER_LOCK_WAIT_S = 5.0
 
 
 def migration_key(migration_id: str) -> str:
@@ -380,10 +382,16 @@ class Progress:
         return {"total": int(total or 0), "done": int(done or 0), "failed": int(failed), "skipped": int(skipped)}
 
 @contextlib.contextmanager
-def alias_lock(client: redis.Redis, alias: str, wait_s: float = 0.0) -> Iterator[None]:
-    """Serialise the writers of one alias across processes and machines. A producer does not
-    wait (two producers on one alias: one is refused); an automatic cutover waits ``wait_s`` for
-    the producer that started its migration to let go.
+def alias_lock(client: redis.Redis, alias: str, wait_s: float = PRODUCER_LOCK_WAIT_S) -> Iterator[None]:
+    """Serialise the writers of one alias across processes and machines.
+
+    Every holder keeps it for moments, so a producer waits up to ``PRODUCER_LOCK_WAIT_S`` before
+    it is refused: a worker switching the alias at the end of an ingest or of an automatic
+    cutover publishes ``live`` while it holds the lock, and a script's next command, started the
+    moment ``--wait`` saw that event, must not be refused for it. Two producers starting
+    migrations on one alias still end with one refused (by this lock, or by the running
+    migration the second finds once it has it). An automatic cutover waits ``wait_s`` (longer)
+    for the producer that started its migration to let go.
 
     Raises:
         MigrationStateError: another producer holds the lock.
