@@ -231,7 +231,8 @@ class ControlPlane:
     def _await_event(self, after: str | None, seconds: float) -> str | None:
         """Sleep ``seconds``, or less: until the next migration event (any migration's: the caller
         reads its record again either way). The state a worker writes is then seen at once, not
-        up to a poll later. Returns where to read from next (None: Redis did not answer, sleep)."""
+        up to a poll later. Returns where to read from next (None: Redis did not answer; the next
+        call sleeps and asks again)."""
         if after is not None:
             try:
                 found = read_events(self.redis, after, count=100, block_ms=max(1, int(seconds * 1000)))
@@ -239,7 +240,7 @@ class ControlPlane:
             except (redis.RedisError, KeyError, ValueError):  # Redis away, or an entry not ours
                 pass
         time.sleep(seconds)
-        return self._last_event() if after is None else None
+        return self._last_event()
 
     def _resend_lost_file_batches(self, record: MigrationRecord) -> None:
         """An ingest has no pump: while someone waits for it, its file's lost batches are re-sent here."""
