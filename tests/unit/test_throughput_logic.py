@@ -201,6 +201,26 @@ def test_a_write_that_waits_for_its_turn_takes_everything_embedded_meanwhile(
     assert timings["write_turn"] >= 0.5
 
 
+def test_the_batch_bookkeeping_runs_while_its_last_write_is_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedding, "_write_s_per_doc", 0.5)  # a fast model: the batch is written whole, at the end
+    in_write, seen = threading.Event(), []
+
+    def write(collection: str, ids: list[str], **_: Any) -> None:
+        in_write.set()
+        time.sleep(0.3)
+        in_write.clear()
+
+    def bookkeeping() -> None:
+        seen.append(in_write.wait(timeout=5))  # the write started, and this did not wait for it to end
+        seen.append(in_write.is_set())
+
+    ids = [f"d{i}" for i in range(8)]
+    done, _, timings = embed_and_write(FakeModel(4), "target", ids, ids, [{}] * 8, write,  # type: ignore[arg-type]
+                                       while_writing=bookkeeping)
+    assert done == 8 and seen == [True, True]
+    assert timings["bookkeeping"] < 0.3 <= timings["bookkeeping"] + timings["write_wait"]
+
+
 def test_a_write_goes_at_the_last_chunk_that_still_hides_it() -> None:
     # 64 documents in chunks of 16, embedding 50 ms per document, writes 2 ms per document: the
     # first 48 go while the last 16 embed (hidden), not 16 at a time (four fixed costs).
