@@ -46,7 +46,7 @@ from reembed.lifecycle import Migration
 from reembed.messages import BatchMessage
 from reembed.progress import Progress, pump_lock_key, redis_errors
 from reembed.registry import MigrationRecord, MigrationState
-from reembed.store import ID_CHUNK, Page, Store
+from reembed.store import ID_CHUNK, Store
 from reembed.verification import check_ingest, diff
 
 log = structlog.get_logger(__name__)
@@ -77,15 +77,15 @@ LISTED_TTL_S = 60.0
 LISTED_KEPT = 8
 
 
-def scan_page(store: Store, migration_id: str, source: str, cursor: int,
-              limit: int) -> tuple[int, Page, bool]:
-    """The documents at positions ``cursor`` to ``cursor + limit`` of the source, in storage order,
-    how many positions they span (0 at the end; more than the documents when some were deleted
-    since their ids were listed), and whether they are the last ones the source holds.
+def scan_ids(store: Store, migration_id: str, source: str, cursor: int, limit: int) -> tuple[list[str], bool]:
+    """The ids at positions ``cursor`` to ``cursor + limit`` of the source, in storage order (none
+    at the end), and whether they are the last ones the source holds. Some may have been deleted
+    since they were listed: a window spans its positions, whatever of them is still there.
 
     A plain ``get(offset=cursor)`` costs more the further the cursor is (Chroma skips the rows
     before it), which made a scan O(n²): this lists ids ``ID_CHUNK`` at a time, once per chunk,
-    and reads each window's documents by id, at a cost that does not grow with the position.
+    and the pump reads each window's documents by id, at a cost that does not grow with the
+    position.
     """
     listed = _listed.get(migration_id)
     if (listed is None or time.monotonic() - listed[0] >= LISTED_TTL_S
@@ -100,8 +100,7 @@ def scan_page(store: Store, migration_id: str, source: str, cursor: int,
     ids = listed[2][start:start + limit]
     if not ids:
         _listed.pop(migration_id, None)
-        return 0, Page(ids=[], documents=[], metadatas=[]), True
-    return len(ids), store.get(source, ids), listed[3] and start + limit >= len(listed[2])
+    return ids, listed[3] and start + limit >= len(listed[2])
 
 
 def batch_message(record: MigrationRecord, batch_id: str, docs: list[Document],
@@ -243,9 +242,10 @@ class Feeder:
         found = self.store.get(self.record.source_collection, ids)
         return _docs(found.ids, found.documents, found.metadatas, self.progress.skipped_ids())
 
-    def feed_window(self, window: int) -> bool:
-        """Send the next window of ``window`` batches (scan) or one batch (catch-up). Returns True
-        when everything has been enqueued."""
+    def feed_window(self, window: int) -> Literal["sent", "full", "done"]:
+        """Send the next window of ``window`` batches (scan) or one batch (catch-up): "sent". Or
+        send nothing: "full" when the scan's last window, cut into smaller batches, needs more
+        room than there is now; "done" when everything has been enqueued."""
         assert self.store is not None
         fields = self.progress.get()
         phase = fields.get("phase", "scan")
@@ -256,14 +256,20 @@ class Feeder:
         assert source is not None
         if phase == "scan":
             started = time.perf_counter()
-            span, page, last = scan_page(self.store, record.id, source, cursor, window * record.batch_size)
-            self.progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
-            if span:
+            ids, last = scan_ids(self.store, record.id, source, cursor, window * record.batch_size)
+            # The last window tapers where the bound leaves room for its extra batches (from the
+            # listing and settings alone: a window re-sent after a crash is cut the same way).
+            taper = last and len(batch_sizes(len(ids), record.batch_size, last=True)) <= self.max_waiting
+            if ids and len(batch_sizes(len(ids), record.batch_size, taper)) > self.room():
+                return "full"
+            if ids:
+                page = self.store.get(source, ids)
+                self.progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
                 docs = _docs(page.ids, page.documents, page.metadatas, self.progress.skipped_ids())
-                named = scan_window(cursor, docs, record.batch_size, last)
+                named = scan_window(cursor, docs, record.batch_size, taper)
                 self.migration.send([batch_message(record, b, batch, "add") for b, batch in named])
-                self.progress.set(cursor=cursor + span, enqueued_batches=sent + len(named))
-                return False
+                self.progress.set(cursor=cursor + len(ids), enqueued_batches=sent + len(named))
+                return "sent"
         else:
             ids = self.progress.todo(cursor, record.batch_size)
             if ids:
@@ -273,10 +279,10 @@ class Feeder:
                 batch_id = f"r{fields.get('round', 0)}-{cursor}"
                 self.migration.send([batch_message(record, batch_id, docs, "upsert")])
                 self.progress.set(cursor=cursor + len(ids), enqueued_batches=sent + 1)
-                return False
+                return "sent"
         self.migration.end_of_input(sent)
         log.info("enqueueing finished", migration_id=record.id, alias=record.alias, phase=phase, batches=sent)
-        return True
+        return "done"
 
     def feed_file(self, file: Path, lost_after_s: float, outage_s: float = OUTAGE_S,
                   stalled: Callable[[], str | None] | None = None) -> None:
@@ -406,9 +412,10 @@ def _pump_locked(feeder: Feeder, keep_feeding_s: float, lost_after_s: float) -> 
         if fields.get("phase", "scan") == "scan":
             window = window_batches(int(fields.get("cursor", 0)), feeder.record.batch_size,
                                     min(SORT_WINDOW_BATCHES, feeder.max_waiting))
-        if feeder.room() >= window:
-            if feeder.feed_window(window):
-                return False
+        fed = feeder.feed_window(window) if feeder.room() >= window else "full"
+        if fed == "done":
+            return False
+        if fed == "sent":
             continue
         if time.monotonic() >= deadline:
             return True
