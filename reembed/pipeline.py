@@ -46,7 +46,7 @@ from reembed.lifecycle import Migration
 from reembed.messages import BatchMessage
 from reembed.progress import Progress, pump_lock_key, redis_errors
 from reembed.registry import MigrationRecord, MigrationState
-from reembed.store import ID_CHUNK, Store
+from reembed.store import ID_CHUNK, Page, Store
 from reembed.verification import check_ingest, diff
 
 log = structlog.get_logger(__name__)
@@ -69,38 +69,34 @@ STALL_CHECK_S = 2.0
 OUTAGE_S = 60.0
 
 
-#: Per process, by migration: the chunk of source ids the scan listed last (when, offset, ids,
-#: whether the source ends in it).
-_listed: dict[str, tuple[float, int, list[str], bool]] = {}
+#: Per process, by migration: the chunk of source ids the scan listed last (when, offset, ids).
+_listed: dict[str, tuple[float, int, list[str]]] = {}
 #: A listed chunk is listed again after this long, so that a long-lived pump sees recent writes.
 LISTED_TTL_S = 60.0
 LISTED_KEPT = 8
 
 
-def scan_ids(store: Store, migration_id: str, source: str, cursor: int, limit: int) -> tuple[list[str], bool]:
-    """The ids at positions ``cursor`` to ``cursor + limit`` of the source, in storage order (none
-    at the end), and whether they are the last ones the source holds. Some may have been deleted
-    since they were listed: a window spans its positions, whatever of them is still there.
+def scan_page(store: Store, migration_id: str, source: str, cursor: int, limit: int) -> tuple[int, Page]:
+    """The documents at positions ``cursor`` to ``cursor + limit`` of the source, in storage order,
+    and how many positions they span (0 at the end; more than the documents when some were
+    deleted since their ids were listed).
 
     A plain ``get(offset=cursor)`` costs more the further the cursor is (Chroma skips the rows
     before it), which made a scan O(n²): this lists ids ``ID_CHUNK`` at a time, once per chunk,
-    and the pump reads each window's documents by id, at a cost that does not grow with the
-    position.
+    and reads each window's documents by id, at a cost that does not grow with the position.
     """
     listed = _listed.get(migration_id)
     if (listed is None or time.monotonic() - listed[0] >= LISTED_TTL_S
-            or not listed[1] <= cursor <= listed[1] + len(listed[2])
-            or (cursor + limit > listed[1] + len(listed[2]) and not listed[3])):
+            or not listed[1] <= cursor <= cursor + limit <= listed[1] + len(listed[2])):
         while len(_listed) >= LISTED_KEPT:  # a control worker lives through many migrations
             del _listed[min(_listed, key=lambda k: _listed[k][0])]
-        want = max(ID_CHUNK, limit)
-        got = store.ids(source, cursor, want + 1)  # one more: whether the source ends in this chunk
-        listed = _listed[migration_id] = (time.monotonic(), cursor, got[:want], len(got) <= want)
+        listed = _listed[migration_id] = (time.monotonic(), cursor, store.ids(source, cursor, max(ID_CHUNK, limit)))
     start = cursor - listed[1]
     ids = listed[2][start:start + limit]
     if not ids:
         _listed.pop(migration_id, None)
-    return ids, listed[3] and start + limit >= len(listed[2])
+        return 0, Page(ids=[], documents=[], metadatas=[])
+    return len(ids), store.get(source, ids)
 
 
 def batch_message(record: MigrationRecord, batch_id: str, docs: list[Document],
@@ -116,54 +112,22 @@ def _docs(ids: list[str], texts: list[str | None], metas: list[dict[str, Any] | 
             if i not in skipped and t is not None and t.strip()]
 
 
-#: Divisors of the batch size for the last batches of a scan, the very last first (``batch_sizes``).
-TAPER = (8, 8, 4, 4, 2, 2)
-
-
-def batch_sizes(count: int, batch_size: int, last: bool = False) -> list[int]:
-    """How many of a window's ``count`` documents go in each batch, the shortest documents' batch
-    (sent last) first.
-
-    The scan's last window ends on smaller batches: two each of an eighth, a quarter and a half
-    of ``batch_size``. The workers then run out of work within a fraction of a batch of each
-    other instead of up to a whole one: two CPU workers of MiniLM on 64-document batches of
-    about 4 s ended 2.7 s apart, one of them idle (a few more batches cost ~0.1 s each).
-    """
-    sizes: list[int] = []
-    left = count
-    for size in [max(1, batch_size // part) for part in TAPER] if last else []:
-        if not left:
-            break
-        sizes.append(min(size, left))
-        left -= sizes[-1]
-    while left:
-        sizes.append(min(batch_size, left))
-        left -= sizes[-1]
-    return sizes
-
-
-def length_sorted_batches(docs: list[Document], batch_size: int, last: bool = False) -> list[list[Document]]:
-    """Cut a window of documents into batches of similar length (ties by id: deterministic),
-    shortest first, sized by ``batch_sizes``.
+def length_sorted_batches(docs: list[Document], batch_size: int) -> list[list[Document]]:
+    """Cut a window of documents into batches of similar length (ties by id: deterministic).
 
     Padding is the waste of a transformer batch: a batch pads every text to its longest. With
     lengths sorted across a window of several batches, each batch pads little.
     """
     ordered = sorted(docs, key=lambda d: (len(d.text), d.id))
-    batches, begin = [], 0
-    for size in batch_sizes(len(ordered), batch_size, last):
-        batches.append(ordered[begin:begin + size])
-        begin += size
-    return batches
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def scan_window(cursor: int, docs: list[Document], batch_size: int,
-                last: bool = False) -> list[tuple[str, list[Document]]]:
+def scan_window(cursor: int, docs: list[Document], batch_size: int) -> list[tuple[str, list[Document]]]:
     """The batches of the scan window at ``cursor``, named ``s-CURSOR-J`` (J: rank by length, so
     a window re-sent after a crash gets the same names), in sending order: longest first. The
-    workers then end each window on its shortest batches, and the migration (``last``) on
-    smaller ones, so no worker idles long while another finishes a long one."""
-    batches = length_sorted_batches(docs, batch_size, last) if docs else [[]]
+    workers then end each window, and the migration, on its shortest batches, so no worker idles
+    long while another finishes a long one."""
+    batches = length_sorted_batches(docs, batch_size) if docs else [[]]
     return [(f"s-{cursor}-{j}", batches[j]) for j in reversed(range(len(batches)))]
 
 
@@ -242,10 +206,9 @@ class Feeder:
         found = self.store.get(self.record.source_collection, ids)
         return _docs(found.ids, found.documents, found.metadatas, self.progress.skipped_ids())
 
-    def feed_window(self, window: int) -> Literal["sent", "full", "done"]:
-        """Send the next window of ``window`` batches (scan) or one batch (catch-up): "sent". Or
-        send nothing: "full" when the scan's last window, cut into smaller batches, needs more
-        room than there is now; "done" when everything has been enqueued."""
+    def feed_window(self, window: int) -> bool:
+        """Send the next window of ``window`` batches (scan) or one batch (catch-up). Returns True
+        when everything has been enqueued."""
         assert self.store is not None
         fields = self.progress.get()
         phase = fields.get("phase", "scan")
@@ -256,20 +219,14 @@ class Feeder:
         assert source is not None
         if phase == "scan":
             started = time.perf_counter()
-            ids, last = scan_ids(self.store, record.id, source, cursor, window * record.batch_size)
-            # The last window tapers where the bound leaves room for its extra batches (from the
-            # listing and settings alone: a window re-sent after a crash is cut the same way).
-            taper = last and len(batch_sizes(len(ids), record.batch_size, last=True)) <= self.max_waiting
-            if ids and len(batch_sizes(len(ids), record.batch_size, taper)) > self.room():
-                return "full"
-            if ids:
-                page = self.store.get(source, ids)
-                self.progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
+            span, page = scan_page(self.store, record.id, source, cursor, window * record.batch_size)
+            self.progress.add_timings({"fetch": time.perf_counter() - started}, batches=0)
+            if span:
                 docs = _docs(page.ids, page.documents, page.metadatas, self.progress.skipped_ids())
-                named = scan_window(cursor, docs, record.batch_size, taper)
+                named = scan_window(cursor, docs, record.batch_size)
                 self.migration.send([batch_message(record, b, batch, "add") for b, batch in named])
-                self.progress.set(cursor=cursor + len(ids), enqueued_batches=sent + len(named))
-                return "sent"
+                self.progress.set(cursor=cursor + span, enqueued_batches=sent + len(named))
+                return False
         else:
             ids = self.progress.todo(cursor, record.batch_size)
             if ids:
@@ -279,10 +236,10 @@ class Feeder:
                 batch_id = f"r{fields.get('round', 0)}-{cursor}"
                 self.migration.send([batch_message(record, batch_id, docs, "upsert")])
                 self.progress.set(cursor=cursor + len(ids), enqueued_batches=sent + 1)
-                return "sent"
+                return False
         self.migration.end_of_input(sent)
         log.info("enqueueing finished", migration_id=record.id, alias=record.alias, phase=phase, batches=sent)
-        return "done"
+        return True
 
     def feed_file(self, file: Path, lost_after_s: float, outage_s: float = OUTAGE_S,
                   stalled: Callable[[], str | None] | None = None) -> None:
@@ -412,10 +369,9 @@ def _pump_locked(feeder: Feeder, keep_feeding_s: float, lost_after_s: float) -> 
         if fields.get("phase", "scan") == "scan":
             window = window_batches(int(fields.get("cursor", 0)), feeder.record.batch_size,
                                     min(SORT_WINDOW_BATCHES, feeder.max_waiting))
-        fed = feeder.feed_window(window) if feeder.room() >= window else "full"
-        if fed == "done":
-            return False
-        if fed == "sent":
+        if feeder.room() >= window:
+            if feeder.feed_window(window):
+                return False
             continue
         if time.monotonic() >= deadline:
             return True

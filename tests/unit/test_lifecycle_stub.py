@@ -96,7 +96,6 @@ class World:
     record: MigrationRecord
     deliveries: dict[str, int] = field(default_factory=dict)
     held: list[BatchMessage] = field(default_factory=list)  # batches a paused migration sent back
-    max_waiting: int = 3
 
     def migration(self) -> Migration:
         return Migration.load(self.record.id, self.registry, self.redis, self.outbox)
@@ -105,7 +104,7 @@ class World:
         """What the Celery task of ``kind`` does with one message (first delivery of a batch id
         counts as a delivery from the queue; a second one is a redelivery)."""
         if kind == "pump":
-            if pipeline.pump(self.migration(), self.store, self.max_waiting, keep_feeding_s=0, lost_after_s=60):
+            if pipeline.pump(self.migration(), self.store, max_waiting=3, keep_feeding_s=0, lost_after_s=60):
                 self.outbox.pump(message.migration_id)
         elif kind == "finalize":
             pipeline.finalize(self.migration(), self.store)
@@ -220,26 +219,6 @@ def test_pause_holds_batches_and_resume_finishes(world: World) -> None:
     world.outbox.sent.extend(("batch", m) for m in world.held)  # Celery retries the held batches
     world.drain()
     assert migration.refresh().state == S.LIVE and len(world.target()) == 10
-
-
-@pytest.mark.parametrize(("max_waiting", "sizes"), [(1, [8, 2]), (3, [8, 1, 1])])
-def test_the_last_window_ends_on_smaller_batches_within_the_bound(
-        world: World, max_waiting: int, sizes: list[int]) -> None:
-    # 10 documents in batches of 8: a first window of 8, then the last one, of 2, cut in two
-    # where the bound leaves room for the extra batch, and sent whole where it does not.
-    world.record = world.record.model_copy(update={"batch_size": 8})
-    world.max_waiting = max_waiting
-    start(world)
-    progress = Progress(world.redis, world.record.id)
-    seen, most_waiting = [], 0
-    while world.outbox.sent:
-        kind, message = world.outbox.sent.popleft()
-        seen += [len(message.ids)] if kind == "batch" else []
-        world.deliver(kind, message)
-        most_waiting = max(most_waiting, progress.waiting())
-    assert seen == sizes and most_waiting <= max_waiting
-    assert world.migration().refresh().state == S.LIVE and len(world.target()) == 10
-    assert progress.counts()["done"] == 10
 
 
 def test_a_redelivered_batch_counts_once_and_is_upserted(world: World) -> None:

@@ -18,7 +18,7 @@ import pytest
 from reembed.documents import Document
 from reembed.errors import ConfigError, StoreUnavailableError
 from reembed.models import embed_batch_size, pick_device, use_half_precision
-from reembed.pipeline import batch_sizes, length_sorted_batches, scan_window, window_batches
+from reembed.pipeline import length_sorted_batches, scan_window, window_batches
 from reembed.runtimes import check_backend, parse_backend
 from reembed.settings import Settings
 from worker import embedding
@@ -60,21 +60,6 @@ def test_a_scan_window_is_sent_longest_batch_first_under_stable_names() -> None:
     assert sorted(d.id for _, batch in window for d in batch) == sorted(d.id for d in docs)
     assert scan_window(640, list(reversed(docs)), 6) == window  # re-sent after a crash: same names, same batches
     assert scan_window(0, [], 6) == [("s-0-0", [])]  # a page whose documents were all skipped still counts
-
-
-def test_the_last_scan_window_ends_on_smaller_batches() -> None:
-    assert batch_sizes(200, 64) == [64, 64, 64, 8]  # any other window: whole batches
-    assert batch_sizes(200, 64, last=True) == [8, 8, 16, 16, 32, 32, 64, 24]  # sent from the right
-    assert batch_sizes(20, 64, last=True) == [8, 8, 4]  # a small last window: as far as it goes
-    assert batch_sizes(3, 4, last=True) == [1, 1, 1] and batch_sizes(0, 64, last=True) == []
-    docs = [Document(f"d{i}", "w " * ((i * 7) % 23 + 1), {}) for i in range(100)]
-    window = scan_window(640, docs, 32, last=True)
-    assert [len(batch) for _, batch in window] == [12, 32, 16, 16, 8, 8, 4, 4]  # longest first, smallest last
-    assert [name for name, _ in window][-1] == "s-640-0"
-    longest = [max(len(d.text) for d in batch) for _, batch in window]
-    assert longest == sorted(longest, reverse=True)
-    assert sorted(d.id for _, batch in window for d in batch) == sorted(d.id for d in docs)
-    assert scan_window(640, list(reversed(docs)), 32, last=True) == window  # re-sent: same names, same batches
 
 
 def test_scan_windows_start_with_one_batch_and_double_up_to_the_most() -> None:
