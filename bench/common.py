@@ -43,8 +43,11 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     """Replace (or append) the ``## title`` section, leaving the other scripts' sections alone."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures written by the scripts in `bench/`.\n"
     heading = f"## {title}"
-    start = text.find(heading)
+    # the whole heading line: a title that begins another's ("... (x.py)" and "... (x.py) — CPU")
+    # must not replace it
+    start = text.find(f"\n{heading}\n")
     if start >= 0:
+        start += 1
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + (text[end + 1:] if end >= 0 else "")
     section = f"{heading}\n\nMeasured {time.strftime('%Y-%m-%d')} on: {machine()}.\n\n{body.strip()}\n"
