@@ -29,6 +29,7 @@ from reembed.lifecycle import Migration, unfinished
 from reembed.messages import Outbox
 from reembed.matryoshka import SHORTCUT, check_sample, unavailable
 from reembed.models import ModelSpec, fingerprint, load_configured, recorded_name, resolve_configured
+from reembed.pipeline import SORT_WINDOW_BATCHES
 from reembed.progress import alias_lock
 from reembed.registry import CollectionRecord, MigrationRecord, MigrationState, PlanRecord, Registry
 from reembed.settings import MAX_BATCH_SIZE, Settings
@@ -195,8 +196,8 @@ def start_ingest(settings: Settings, store: Store, registry: Registry, client: r
         record = MigrationRecord(
             kind="ingest", alias=alias, source_collection=None, source_file=str(file.resolve()),
             target_collection="", from_model=None, to_model=spec.name, to_fingerprint=to_fingerprint,
-            batch_size=size, skip_missing_text=skip_missing_text, total=total, skipped=len(empty),
-            **budget_fields(spec, max_cost),
+            batch_size=size, file_window=SORT_WINDOW_BATCHES, skip_missing_text=skip_missing_text, total=total,
+            skipped=len(empty), **budget_fields(spec, max_cost),
         )
         record.target_collection = target_name(alias, spec, record.id)
         _create_target(store, registry, record, spec, "ingest")

@@ -22,6 +22,7 @@ state goes through the migration's owner, ``reembed.lifecycle.Migration``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -52,7 +53,8 @@ from reembed.verification import check_ingest, diff
 log = structlog.get_logger(__name__)
 
 
-#: Batches read, sorted by length and sent together by the scan (see ``length_sorted_batches``).
+#: Batches read, sorted by length and sent together by the scan and by a new ingest's file feeder
+#: (see ``length_sorted_batches``).
 SORT_WINDOW_BATCHES = 8
 #: How long one pump task keeps feeding (polling for room every PUMP_POLL_S) before re-sending itself.
 PUMP_FEED_S = 5.0
@@ -149,19 +151,20 @@ def window_batches(cursor: int, batch_size: int, most: int) -> int:
     return min(doubled, most - sent)
 
 
-def file_batches(file: Path, batch_size: int, skipped: set[str]) -> Iterable[tuple[str, list[Document]]]:
-    """A corpus file's batches, ``f-INDEX``: the same names and contents however often it is read."""
-    batch: list[Document] = []
+def file_batches(file: Path, batch_size: int, skipped: set[str], window: int = 1) -> Iterable[tuple[str, list[Document]]]:
+    """A corpus file's batches, ``f-INDEX``: the same names and contents however often it is read.
+
+    The file is read ``window`` batches at a time and each window cut by length, longest batch
+    first, as a scan's (``scan_window``): a file in arrival order mixes short and long texts in
+    every batch. ``window`` 1 keeps the file's order (an ingest recorded before windows).
+    """
+    wanted = (doc for doc in read_corpus(file) if doc.id not in skipped)
     index = 0
-    for doc in read_corpus(file):
-        if doc.id in skipped:
-            continue
-        batch.append(doc)
-        if len(batch) == batch_size:
+    while docs := list(itertools.islice(wanted, batch_size * window)):
+        batches = reversed(length_sorted_batches(docs, batch_size)) if window > 1 else [docs]
+        for batch in batches:
             yield f"f-{index}", batch
-            index, batch = index + 1, []
-    if batch:
-        yield f"f-{index}", batch
+            index += 1
 
 
 class Feeder:
@@ -277,7 +280,7 @@ class Feeder:
 
         def load(ids: list[str]) -> list[Document]:
             wanted = set(ids)
-            for _, batch in file_batches(file, self.record.batch_size, skipped):
+            for _, batch in file_batches(file, self.record.batch_size, skipped, self.record.file_window):
                 if {d.id for d in batch} & wanted:
                     return [d for d in batch if d.id in wanted]
             return []
@@ -289,7 +292,8 @@ class Feeder:
         count = 0
         load = self.from_file(file)
         next_check = time.monotonic() + STALL_CHECK_S
-        for index, (batch_id, batch) in enumerate(file_batches(file, self.record.batch_size, skipped)):
+        batches = file_batches(file, self.record.batch_size, skipped, self.record.file_window)
+        for index, (batch_id, batch) in enumerate(batches):
             count = index + 1
             if index < sent:  # sent before a crash
                 continue

@@ -141,6 +141,10 @@ class MigrationRecord(BaseModel):
     to_model: str
     to_fingerprint: str
     batch_size: int = Field(ge=1, le=2048)
+    # An ingest's file is cut into batches this many at a time, sorted by length (see
+    # ``reembed.pipeline.file_batches``). Kept on the record so that an ingest resumed by other
+    # code cuts its file as it began to: 1 for the records written before windows existed.
+    file_window: int = Field(default=1, ge=1)
     cutover: Literal["auto", "manual"] = "auto"
     skip_missing_text: bool = False
     state: MigrationState = MigrationState.PLANNED

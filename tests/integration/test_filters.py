@@ -181,7 +181,9 @@ def keyword_hit_whose_metadata_changed_behind_reembed_is_not_served(
     searcher = Searcher(settings)
     try:
         index = searcher.keyword_index(searcher.registry.get_alias(ALIAS), wait=True)
-        first = collection.get(ids=[index.ids[0]], include=["documents", "metadatas"])
+        # the corpus's first document (an ingest stores its file in length-sorted windows, so not
+        # necessarily the first the collection holds)
+        first = collection.get(where={"position": 0}, include=["documents", "metadatas"])
         doc_id, text, meta = first["ids"][0], first["documents"][0], first["metadatas"][0]
         query = " ".join(text.split()[:12])
         before = searcher.search(ALIAS, query, 5, "keyword", where={"position": 0})

@@ -7,9 +7,11 @@ in BENCHMARKS.md, measured by bench/gpu_run.sh on a lent GPU.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 from reembed.documents import Document
 from reembed.errors import ConfigError, StoreUnavailableError
 from reembed.models import embed_batch_size, pick_device, use_half_precision
-from reembed.pipeline import length_sorted_batches, scan_window, window_batches
+from reembed.pipeline import file_batches, length_sorted_batches, scan_window, window_batches
 from reembed.runtimes import check_backend, parse_backend
 from reembed.settings import Settings
 from worker import embedding
@@ -87,6 +89,25 @@ def test_length_sorted_batches_are_deterministic_and_complete() -> None:
     assert length_sorted_batches(list(reversed(docs)), 6) == batches  # same window, same batches
 
 
+def test_a_corpus_file_is_cut_by_length_window_by_window_and_read_again_identically(tmp_path: Path) -> None:
+    # 23 documents of mixed lengths, batches of 3 in windows of 2 batches; d4 skipped (no text).
+    lengths = [(i * 11) % 17 + 1 for i in range(23)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": "w" * n}) + "\n" for i, n in enumerate(lengths)))
+    batches = list(file_batches(corpus, 3, {"d4"}, window=2))
+    assert [name for name, _ in batches] == [f"f-{i}" for i in range(8)]
+    assert [len(b) for _, b in batches] == [3, 3, 3, 3, 3, 3, 1, 3]  # the last window's short batch holds its longest
+    assert sorted(d.id for _, b in batches for d in b) == sorted(f"d{i}" for i in range(23) if i != 4)
+    for first in range(0, 8, 2):  # a window: its own 6 documents of the file, longest batch first
+        window = [d for _, b in batches[first:first + 2] for d in b]
+        expected = [f"d{i}" for i in range(23) if i != 4][first * 3:first * 3 + 6]
+        assert sorted(d.id for d in window) == sorted(expected)
+        assert min(len(d.text) for d in batches[first][1]) >= max(len(d.text) for d in batches[first + 1][1])
+    assert list(file_batches(corpus, 3, {"d4"}, window=2)) == batches  # a resume or a re-send sees the same
+    # window 1 (an ingest recorded before windows): the file's own order, as it was cut then
+    assert [d.id for _, b in file_batches(corpus, 3, {"d4"}) for d in b] == [f"d{i}" for i in range(23) if i != 4]
+
+
 class FakeModel:
     """Records when each chunk is embedded; 'poison' texts make the model raise."""
 
@@ -134,6 +155,31 @@ def test_writes_overlap_the_next_embedding_and_keep_every_document(monkeypatch: 
     assert [i for chunk in written for i in chunk] == [i for i in ids if i != "d5"]  # order kept, poison left out
     assert any(overlapped), "a chunk was embedded while the previous one was being written"
     assert timings["write"] > 0 and timings["embed"] > 0
+
+
+def test_a_batch_is_embedded_by_length_and_every_row_keeps_its_own_id_text_and_metadata() -> None:
+    # Mixed lengths in arrival order: each forward pass of 4 should hold texts of similar length
+    # (a transformer pads to the longest), and the reordering must not shift a vector, a text or
+    # a metadata onto another id.
+    lengths = [3, 40, 7, 25, 1, 33, 12, 18]
+    ids = [f"d{i}" for i in range(8)]
+    texts = ["w" * n for n in lengths]
+    metas = [{"n": n} for n in lengths]
+    chunks: list[list[str]] = []
+    rows: dict[str, tuple[float, str, int]] = {}
+
+    def embed(batch: list[str]) -> np.ndarray:
+        chunks.append(batch)
+        return np.array([[float(len(t))] * 4 for t in batch], dtype=np.float32)
+
+    def write(collection: str, ids: list[str], embeddings: np.ndarray, documents: list[str],
+              metadatas: list[dict[str, Any]]) -> None:
+        rows.update({i: (float(v[0]), d, m["n"]) for i, v, d, m in zip(ids, embeddings, documents, metadatas, strict=True)})
+
+    done, failed, _ = embed_and_write(FakeModel(4), "target", ids, texts, metas, write, embed)  # type: ignore[arg-type]
+    assert done == 8 and not failed
+    assert [[len(t) for t in c] for c in chunks] == [[1, 3, 7, 12], [18, 25, 33, 40]]
+    assert all(rows[i] == (float(n), "w" * n, n) for i, n in zip(ids, lengths, strict=True))
 
 
 @pytest.mark.parametrize(("delay_s", "write_s_per_doc", "expected"), [(0.0, 0.5, [12]), (0.05, 0.002, [8, 4])])
