@@ -154,6 +154,12 @@ def test_a_wrong_dimension_or_a_swapped_model_stops_with_nothing_mixed(
     if texts:  # what was written before the stop is the server's true answer: nothing mixed
         assert np.abs(vectors - server_vectors(infinity, texts)).max() < 1e-5
 
+    # The other worker may still be inside a request of the failed run: its wrong answer would
+    # fail the resumed run with the old reason. Resume once no request has come for 2 s.
+    seen, settled_by = -1, time.monotonic() + 60
+    while proxy.requests != seen and time.monotonic() < settled_by:
+        seen = proxy.requests
+        time.sleep(2.0)
     proxy.swap_after = proxy.requests  # the endpoint now serves another model
     control.resume(record.id)
     error = wait_for(control, record.id, MigrationState.FAILED)
